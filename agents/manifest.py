@@ -28,7 +28,7 @@ from typing import Any
 ROOT = b"."
 
 
-class EntryType(str, enum.Enum):
+class EntryType(enum.StrEnum):
     """The kind of a manifest entry; the values are the wire values."""
 
     DIR = "dir"
@@ -254,7 +254,9 @@ def _sparse_map(path: bytes, st: os.stat_result) -> tuple[tuple[int, int], ...] 
         os.close(fd)
 
 
-def describe(root: bytes, rel: bytes, st: os.stat_result, first_links: dict[tuple[int, int], bytes]) -> Entry:
+def describe(
+    root: bytes, rel: bytes, st: os.stat_result, first_links: dict[tuple[int, int], bytes]
+) -> Entry:
     """Build the entry for `rel` (relative to `root`) from its `lstat` result."""
     full = root if rel == ROOT else os.path.join(root, rel)
     kind = _TYPES.get(stat.S_IFMT(st.st_mode))

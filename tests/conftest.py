@@ -1,0 +1,76 @@
+"""Shared fixtures: private Docker engines and real agent processes (see tests/testbed.py).
+
+Engines start once per test session. A missing `dockerd` is installed, or fails the run with the
+command to run: integration tests never skip for want of Docker.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import uuid
+from collections.abc import Iterator
+
+import docker
+import pytest
+
+from tests.testbed import AgentProcess, Engine
+
+
+def start_engine(name: str) -> Engine:
+    engine = Engine(name)
+    engine.stop()  # a leftover from an interrupted run
+    shutil.rmtree(engine.base / "data", ignore_errors=True)
+    return engine.start()
+
+
+@pytest.fixture(scope="session")
+def engine_a() -> Iterator[Engine]:
+    engine = start_engine("a")
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="session")
+def engine_b() -> Iterator[Engine]:
+    engine = start_engine("b")
+    yield engine
+    engine.stop()
+
+
+def _agent(name: str, engine: Engine) -> Iterator[AgentProcess]:
+    agent = AgentProcess(name=name, engine=engine, token=secrets.token_urlsafe(24))
+    shutil.rmtree(agent.dir, ignore_errors=True)
+    agent.start()
+    yield agent
+    agent.stop()
+
+
+@pytest.fixture(scope="session")
+def agent_a(engine_a: Engine) -> Iterator[AgentProcess]:
+    yield from _agent("a", engine_a)
+
+
+@pytest.fixture(scope="session")
+def agent_b(engine_b: Engine) -> Iterator[AgentProcess]:
+    yield from _agent("b", engine_b)
+
+
+@pytest.fixture
+def docker_a(engine_a: Engine) -> Iterator[docker.DockerClient]:
+    client = docker.DockerClient(base_url=engine_a.url, version="auto")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def docker_b(engine_b: Engine) -> Iterator[docker.DockerClient]:
+    client = docker.DockerClient(base_url=engine_b.url, version="auto")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def volume_name() -> str:
+    """A fresh volume name, so tests sharing the session's engines never collide."""
+    return f"t{uuid.uuid4().hex[:12]}"
