@@ -137,3 +137,32 @@ def _empty_image(client: docker.DockerClient) -> str:
     tarfile.open(fileobj=buf, mode="w").close()
     client.api.import_image_from_data(buf.getvalue(), repository="test/empty", tag="1")
     return "test/empty:1"
+
+
+def test_description_from_one_engine_recreates_on_another(
+    agent_a: AgentProcess, agent_b: AgentProcess, docker_b: docker.DockerClient, volume_name: str
+) -> None:
+    """What a migration does first: inspect on host A, create the same on host B."""
+    a, b = AgentHTTP(agent_a), AgentHTTP(agent_b)
+    assert (
+        a.post(
+            "/v1/volumes", json={"name": volume_name, "driver_opts": TMPFS_OPTS, "labels": LABELS}
+        ).status_code
+        == 201
+    )
+    source = a.get(f"/v1/volumes/{volume_name}").json()
+    r = b.post(
+        "/v1/volumes",
+        json={
+            "name": source["name"],
+            "driver": source["driver"],
+            "driver_opts": source["options"],
+            "labels": source["labels"],
+        },
+    )
+    assert r.status_code == 201, r.text
+    target = b.get(f"/v1/volumes/{volume_name}").json()
+    for key in ("name", "driver", "options", "labels", "scope"):
+        assert target[key] == source[key], key
+    assert target["mountpoint"] != source["mountpoint"]
+    assert docker_b.api.inspect_volume(volume_name)["Labels"] == LABELS
