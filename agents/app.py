@@ -12,10 +12,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from agents import views
-from agents.appkeys import SETTINGS, VOLUMES
+from agents import pull_views, source_views, views
+from agents.appkeys import PULLS, SETTINGS, VOLUMES
 from agents.docker_volumes import DockerVolumes
-from agents.errors import AgentError, MethodNotAllowed, NotFound, RequestTooLarge, Unauthorized
+from agents.errors import (
+    AgentError,
+    MethodNotAllowed,
+    NotFound,
+    RequestTooLarge,
+    Unauthorized,
+    check_volume_name,
+)
+from agents.pulls import PullManager, RetryPolicy
 from agents.settings import AgentSettings
 
 log = logging.getLogger("migrator_agent")
@@ -23,7 +31,9 @@ log = logging.getLogger("migrator_agent")
 
 # Routes that answer without the coordinator's bearer token: health for probes, and the
 # stream, which carries its own transfer token.
-PUBLIC_ROUTES = frozenset({"health", "stream"})
+PUBLIC_ROUTES = frozenset({"health", "stream", "stream-filtered"})
+# Routes that also accept a transfer token for the volume they name.
+TRANSFER_ROUTES = frozenset({"manifest"})
 # Control requests are small JSON documents; 1 MiB is generous (aiohttp's default too).
 MAX_REQUEST_BYTES = 1024 * 1024
 
@@ -62,6 +72,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
+    if route.name in TRANSFER_ROUTES and scheme.lower() == "transfer":
+        # A pulling target reads the source's manifest for an incremental pass.
+        source_views.check_transfer_token(request, check_volume_name(request.match_info["name"]))
+        return await handler(request)
     expected = request.app[SETTINGS].token
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
         raise Unauthorized("missing or invalid bearer token")
@@ -74,11 +88,39 @@ def create_app(settings: AgentSettings, *, volumes: DockerVolumes | None = None)
     )
     app[SETTINGS] = settings
 
-    async def docker_ctx(app: web.Application) -> AsyncIterator[None]:
+    async def resources(app: web.Application) -> AsyncIterator[None]:
         app[VOLUMES] = volumes or DockerVolumes(settings.docker_host)
+        pulls = PullManager(
+            settings.state_dir,
+            app[VOLUMES],
+            allow_devices=settings.allow_devices,
+            retry=RetryPolicy(
+                retries=settings.pull_retries, max_delay_s=settings.pull_retry_max_delay_s
+            ),
+        )
+        app[PULLS] = pulls
+        await pulls.open()  # resumes the pulls a previous run left running
         yield
+        await pulls.close()
         app[VOLUMES].close()
 
-    app.cleanup_ctx.append(docker_ctx)
-    views.add_routes(app)
+    app.cleanup_ctx.append(resources)
+    add_routes(app)
     return app
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/health", views.health, name="health")
+    app.router.add_get("/v1/volumes", views.list_volumes)
+    app.router.add_post("/v1/volumes", views.create_volume)
+    app.router.add_get("/v1/volumes/{name}", views.get_volume)
+    app.router.add_get("/v1/volumes/{name}/containers", views.get_volume_containers)
+    app.router.add_get("/v1/volumes/{name}/manifest", views.get_manifest, name="manifest")
+    app.router.add_get("/v1/volumes/{name}/stream", source_views.get_stream, name="stream")
+    app.router.add_post(
+        "/v1/volumes/{name}/stream", source_views.get_stream, name="stream-filtered"
+    )
+    app.router.add_post("/v1/pulls", pull_views.create_pull)
+    app.router.add_get("/v1/pulls", pull_views.list_pulls)
+    app.router.add_get("/v1/pulls/{id}", pull_views.get_pull)
+    app.router.add_delete("/v1/pulls/{id}", pull_views.delete_pull)

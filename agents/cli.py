@@ -38,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir", required=True, help="directory for transfer journals (outside any volume)"
     )
     serve.add_argument("--allow-devices", action="store_true", help="let pulls create device nodes")
+    serve.add_argument(
+        "--pull-retries",
+        type=int,
+        default=8,
+        help="reconnects without progress before a pull fails (default %(default)s)",
+    )
+    serve.add_argument(
+        "--pull-retry-max-delay",
+        type=float,
+        default=30.0,
+        help="longest wait between reconnects, seconds (default %(default)s)",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -54,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             docker_host=args.docker_host,
             state_dir=args.state_dir,
             allow_devices=args.allow_devices,
+            pull_retries=args.pull_retries,
+            pull_retry_max_delay_s=args.pull_retry_max_delay,
         )
         settings.state_dir.mkdir(parents=True, exist_ok=True)
     except (SettingsError, OSError) as e:

@@ -9,6 +9,8 @@ this tree in the module that owns the foreign system, always with `raise ... fro
     │   └── InvalidVolumeName     400 invalid_request
     ├── DriverNotFound            400 driver_not_found
     ├── Unauthorized              401 unauthorized
+    │   ├── TransferTokenInvalid  401 transfer_token_invalid
+    │   └── TransferTokenExpired  401 transfer_token_expired
     ├── NotFound                  404 not_found
     │   ├── VolumeNotFound        404 volume_not_found
     │   └── PullNotFound          404 pull_not_found
@@ -67,6 +69,14 @@ class DriverNotFound(AgentError):
 
 class Unauthorized(AgentError):
     status, code, title = 401, "unauthorized", "Unauthorized"
+
+
+class TransferTokenInvalid(Unauthorized):
+    code, title = "transfer_token_invalid", "Invalid transfer token"
+
+
+class TransferTokenExpired(Unauthorized):
+    code, title = "transfer_token_expired", "Transfer token expired"
 
 
 class NotFound(AgentError):

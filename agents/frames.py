@@ -385,7 +385,15 @@ class FrameEncoder:
         self._zstd = zstandard.ZstdCompressor(level=level)
         self._clock = clock
 
-    def hello(self, *, stream_id: str, start_offset: int, total_size: int | None) -> bytes:
+    def hello(
+        self,
+        *,
+        stream_id: str,
+        start_offset: int,
+        total_size: int | None,
+        extra: dict[str, Any] | None = None,
+    ) -> bytes:
+        """The hello frame; `extra` adds fields (additive, protocol 1 readers ignore them)."""
         if start_offset < 0 or start_offset % TAR_BLOCK_SIZE:
             raise ValueError(f"start offset {start_offset} is not a multiple of {TAR_BLOCK_SIZE}")
         doc = {
@@ -395,6 +403,7 @@ class FrameEncoder:
             "start_offset": start_offset,
             "total_size": total_size,
             "compression": self.policy.mode.value,
+            **(extra or {}),
         }
         return encode_json_frame(FrameKind.HELLO, doc, start_offset)
 
@@ -491,10 +500,25 @@ class FrameDecoder:
         self._buf = bytearray()
         self._head: Header | None = None
         self._zstd = zstandard.ZstdDecompressor()
+        self._pending_error: FrameError | None = None
 
     def feed(self, data: bytes) -> list[Frame]:
+        """Frames completed by `data`, each verified. A frame that fails verification raises —
+        but only after the good frames before it were returned: they are handed over first and
+        the error is raised by the next `feed` or `finish`, so none of them is fetched twice."""
+        if self._pending_error is not None:
+            raise self._pending_error
         self._buf += data
         frames: list[Frame] = []
+        try:
+            self._decode_into(frames)
+        except FrameError as e:
+            if not frames:
+                raise
+            self._pending_error = e
+        return frames
+
+    def _decode_into(self, frames: list[Frame]) -> None:
         while not self.done:
             if self._head is None:
                 if len(self._buf) < HEADER_SIZE:
@@ -510,10 +534,16 @@ class FrameDecoder:
             frames.append(self._accept(head, payload))
         if self.done and self._buf:
             raise ProtocolViolation("bytes after the last frame")
-        return frames
+
+    def raise_pending(self) -> None:
+        """Raise the error the last `feed` held back behind good frames, if any: a reader that
+        has used those frames should stop here rather than wait for more bytes."""
+        if self._pending_error is not None:
+            raise self._pending_error
 
     def finish(self) -> None:
         """The body ended: raise `Truncated` unless the stream ended with a trailer or error."""
+        self.raise_pending()
         if self._buf or self._head is not None:
             raise Truncated("the stream ended inside a frame", offset=self.next_offset)
         if not self.done:

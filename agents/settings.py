@@ -24,6 +24,8 @@ class AgentSettings:
     docker_host: str
     state_dir: Path
     allow_devices: bool = False
+    pull_retries: int = 8
+    pull_retry_max_delay_s: float = 30.0
 
     @property
     def token(self) -> str:
@@ -58,6 +60,8 @@ def load_settings(
     docker_host: str | None,
     state_dir: str,
     allow_devices: bool = False,
+    pull_retries: int = 8,
+    pull_retry_max_delay_s: float = 30.0,
     environ: Mapping[str, str] | None = None,
 ) -> AgentSettings:
     env = os.environ if environ is None else environ
@@ -70,4 +74,6 @@ def load_settings(
         docker_host=docker,
         state_dir=Path(state_dir),
         allow_devices=allow_devices,
+        pull_retries=pull_retries,
+        pull_retry_max_delay_s=pull_retry_max_delay_s,
     )

@@ -140,6 +140,7 @@ async def get_manifest(request: web.Request) -> web.StreamResponse:
     it = walk(info.mountpoint)
     first = await asyncio.to_thread(_take, it, MANIFEST_BATCH)  # fail before the 200 if we can
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    resp.force_close()  # HTTP/1.0 clients (pulling targets) read to the end of the connection
     await resp.prepare(request)
     totals = Totals()
     batch = first
@@ -161,12 +162,3 @@ async def get_manifest(request: web.Request) -> web.StreamResponse:
     await resp.write((json.dumps({"totals": totals.to_json()}) + "\n").encode())
     await resp.write_eof()
     return resp
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/v1/health", health, name="health")
-    app.router.add_get("/v1/volumes", list_volumes)
-    app.router.add_post("/v1/volumes", create_volume)
-    app.router.add_get("/v1/volumes/{name}", get_volume)
-    app.router.add_get("/v1/volumes/{name}/containers", get_volume_containers)
-    app.router.add_get("/v1/volumes/{name}/manifest", get_manifest)

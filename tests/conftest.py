@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import docker
 import pytest
 
+from agents.pulls import RetryPolicy
 from tests.testbed import AgentProcess, Engine
 
 
@@ -38,8 +39,20 @@ def engine_b() -> Iterator[Engine]:
     engine.stop()
 
 
+# Agents in tests give up on an unreachable peer within seconds, not minutes.
+TEST_RETRY = RetryPolicy(retries=5, max_delay_s=1.0)
+TEST_AGENT_ARGS = [
+    "--pull-retries",
+    str(TEST_RETRY.retries),
+    "--pull-retry-max-delay",
+    str(TEST_RETRY.max_delay_s),
+]
+
+
 def _agent(name: str, engine: Engine) -> Iterator[AgentProcess]:
-    agent = AgentProcess(name=name, engine=engine, token=secrets.token_urlsafe(24))
+    agent = AgentProcess(
+        name=name, engine=engine, token=secrets.token_urlsafe(24), extra_args=TEST_AGENT_ARGS
+    )
     shutil.rmtree(agent.dir, ignore_errors=True)
     agent.start()
     yield agent

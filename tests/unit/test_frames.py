@@ -337,8 +337,10 @@ def test_hello_chunk_size_above_decoder_limit_is_refused() -> None:
 def test_lying_data_frame_header(fields: dict[str, int], error: type[frames.FrameError]) -> None:
     body = hello() + rewrite_header(data_frame(RAW, 0), 0, **fields)
     dec = FrameDecoder()
+    # The hello is handed over; the lie is raised by the next call.
+    assert [f.kind for f in dec.feed(body)] == [FrameKind.HELLO]
     with pytest.raises(error):
-        dec.feed(body)
+        dec.finish()
 
 
 def test_unknown_kind_is_refused_even_first() -> None:
@@ -567,3 +569,19 @@ def test_encoder_reports_compression_time_to_its_policy() -> None:
     assert rate is not None and ratio is not None
     assert rate == pytest.approx(2 * CHUNK / 0.03, rel=0.01)
     assert ratio < 0.5
+
+
+def test_good_frames_before_a_bad_one_are_handed_over_first() -> None:
+    """One read can hold a good frame and a damaged one: the good one must not be lost (the
+    target commits it and resumes after it), and the error comes with the next call."""
+    good = data_frame(b"a" * CHUNK, 0)
+    bad = bytearray(data_frame(b"b" * CHUNK, CHUNK))
+    bad[-1] ^= 0xFF
+    decoder = FrameDecoder()
+    got = decoder.feed(hello(total=2 * CHUNK + 1024) + good + bytes(bad))
+    assert [f.kind for f in got] == [FrameKind.HELLO, FrameKind.DATA]
+    assert got[1].raw == b"a" * CHUNK
+    with pytest.raises(frames.ChecksumMismatch):
+        decoder.feed(b"")
+    with pytest.raises(frames.ChecksumMismatch):
+        decoder.finish()

@@ -1,0 +1,217 @@
+"""Incremental passes: what to send again, and what to delete, to make a target equal a source.
+
+Used when the source changed between attempts of a pull, when files changed while they were
+read, and to sync an existing target. The target fetches the source's current manifest, walks
+its own volume, and joins the two in manifest order (both are sorted the same way, so the join
+needs no index of either side):
+
+* a source entry missing on the target, of another type, or with other metadata is selected;
+* a regular file whose source mtime is not safely before the previous pass started is selected
+  even if its metadata matches: mtime granularity and in-place writes can hide a change;
+* every directory is selected (a header only), so directory metadata is re-applied last;
+* a hard link is selected whenever its first path is;
+* a target entry the source no longer has is deleted (never following symlinks).
+
+The selection (paths in manifest order, one JSON string per line) is the body of the source's
+filtered stream (`POST /v1/volumes/{name}/stream`), where `select` joins it with the walk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import stat
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import aiohttp
+
+from agents.manifest import ROOT, Entry, EntryType, decode_path, encode_path, entry_from_json, walk
+
+# Timestamps of a change can lag the change by a clock tick (4 ms at HZ=250) and the two hosts'
+# clocks are not compared at all (the window uses the source's own clock from the hello); two
+# seconds of margin costs a few re-sent files and buys safety against coarse filesystems.
+WINDOW_MARGIN_NS = 2_000_000_000
+
+
+def order_key(path: bytes) -> tuple[bytes, ...]:
+    """Manifest order: depth first, children by raw name bytes, the root first."""
+    return () if path == ROOT else tuple(path.split(b"/"))
+
+
+class PlanError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _differs(src: Entry, dst: Entry, window_start_ns: int | None) -> bool:
+    if src.type is not dst.type:
+        return True
+    if src.type is EntryType.DIR:
+        return True
+    if src.hardlink_of is not None:
+        return True
+    if (src.mode, src.uid, src.gid, src.mtime_ns, src.xattrs) != (
+        dst.mode,
+        dst.uid,
+        dst.gid,
+        dst.mtime_ns,
+        dst.xattrs,
+    ):
+        return True
+    if src.type is EntryType.FILE:
+        if src.size != dst.size:
+            return True
+        # Without a previous pass (syncing a target of unknown history), equal size and
+        # nanosecond mtime count as equal, as rsync's default does.
+        return window_start_ns is not None and src.mtime_ns >= window_start_ns - WINDOW_MARGIN_NS
+    if src.type is EntryType.SYMLINK:
+        return src.link_target != dst.link_target
+    if src.type in (EntryType.CHAR, EntryType.BLOCK):
+        return (src.rdev_major, src.rdev_minor) != (dst.rdev_major, dst.rdev_minor)
+    return False
+
+
+def _remove(root: bytes, path: bytes) -> None:
+    full = os.path.join(root, path)
+    try:
+        st = os.lstat(full)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(full)  # fd-based: never follows a symlink inside the tree
+    else:
+        os.unlink(full)
+
+
+def plan(
+    source: Iterable[Entry],
+    target_root: str | bytes,
+    *,
+    window_start_ns: int | None,
+) -> Iterator[bytes]:
+    """Join the source manifest with the target's tree; delete target extras as they are met,
+    and yield the paths to send, in manifest order. Blocking."""
+    root = os.fsencode(target_root)
+    target = walk(root)
+    dst = next(target, None)
+    selected_inodes: set[bytes] = set()
+    for src in source:
+        key = order_key(src.path)
+        while dst is not None and order_key(dst.path) < key:
+            _remove(root, dst.path)
+            dst = next(target, None)
+        same = dst if dst is not None and dst.path == src.path else None
+        if same is not None:
+            dst = next(target, None)
+        if src.type is EntryType.SOCKET:
+            continue
+        if src.hardlink_of is not None and src.hardlink_of in selected_inodes:
+            chosen = True
+        else:
+            chosen = same is None or _differs(src, same, window_start_ns)
+        if chosen:
+            if src.type is EntryType.FILE and src.nlink > 1 and src.hardlink_of is None:
+                selected_inodes.add(src.path)
+            yield src.path
+    while dst is not None:
+        if dst.path != ROOT:
+            _remove(root, dst.path)
+        dst = next(target, None)
+
+
+def select(entries: Iterable[Entry], selection: list[bytes]) -> Iterator[Entry]:
+    """The source side of the join: entries whose path is selected (the root always), in
+    order. Paths selected but gone since are skipped."""
+    i = 0
+    for entry in entries:
+        key = order_key(entry.path)
+        while i < len(selection) and order_key(selection[i]) < key:
+            i += 1
+        if entry.path == ROOT or (i < len(selection) and selection[i] == entry.path):
+            yield entry
+
+
+def parse_selection(body: bytes) -> list[bytes]:
+    """A selection body: one JSON string (a wire path) per line, in manifest order."""
+    paths = []
+    previous: tuple[bytes, ...] | None = None
+    for n, line in enumerate(body.splitlines(), 1):
+        if not line.strip():
+            continue
+        value = json.loads(line)
+        if not isinstance(value, str):
+            raise ValueError(f"line {n}: not a JSON string")
+        path = encode_path(value)
+        key = order_key(path)
+        if previous is not None and key <= previous:
+            raise ValueError(f"line {n}: paths are not in manifest order")
+        previous = key
+        paths.append(path)
+    return paths
+
+
+async def fetch_manifest(session: aiohttp.ClientSession, url: str, token: str, dest: Path) -> None:
+    """Stream the source's manifest (NDJSON) into `dest`; raise PlanError if incomplete."""
+    async with session.get(url, headers={"Authorization": f"Transfer {token}"}) as resp:
+        if resp.status != 200:
+            body = await resp.read()
+            try:
+                problem = json.loads(body)
+            except ValueError:
+                problem = {}
+            code = str(problem.get("code") or f"http_{resp.status}")
+            if code == "volume_not_found":
+                code = "source_volume_not_found"
+            raise PlanError(
+                code, f"source manifest refused: {problem.get('detail') or resp.reason}"
+            )
+        f = await asyncio.to_thread(open, dest, "wb")
+        tail = b""
+        try:
+            while chunk := await resp.content.read(1 << 20):
+                await asyncio.to_thread(f.write, chunk)
+                tail = (tail + chunk)[-4096:]
+        finally:
+            await asyncio.to_thread(f.close)
+    last = tail.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    if not last.startswith(b'{"totals"'):
+        raise PlanError("transfer_failed", "the source manifest ended before its totals line")
+
+
+def read_manifest(path: Path) -> Iterator[Entry]:
+    with open(path, "rb") as f:
+        for line in f:
+            doc = json.loads(line)
+            if "path" in doc:
+                yield entry_from_json(doc)
+
+
+async def plan_incremental_pass(
+    session: aiohttp.ClientSession,
+    manifest_url: str,
+    token: str,
+    target_root: str,
+    selection_path: Path,
+    *,
+    window_start_ns: int | None,
+) -> int:
+    """Fetch the source manifest, plan against the target, write the selection file.
+    Returns the number of selected paths."""
+    manifest = selection_path.with_name("source-manifest.ndjson")
+    await fetch_manifest(session, manifest_url, token, manifest)
+
+    def run() -> int:
+        count = 0
+        with open(selection_path, "wb") as out:
+            for path in plan(read_manifest(manifest), target_root, window_start_ns=window_start_ns):
+                out.write(json.dumps(decode_path(path)).encode() + b"\n")
+                count += 1
+        manifest.unlink()
+        return count
+
+    return await asyncio.to_thread(run)
