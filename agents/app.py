@@ -114,6 +114,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/volumes", views.list_volumes)
     app.router.add_post("/v1/volumes", views.create_volume)
     app.router.add_get("/v1/volumes/{name}", views.get_volume)
+    app.router.add_delete("/v1/volumes/{name}", views.delete_volume)
     app.router.add_get("/v1/volumes/{name}/containers", views.get_volume_containers)
     app.router.add_get("/v1/volumes/{name}/manifest", views.get_manifest, name="manifest")
     app.router.add_get("/v1/volumes/{name}/stream", source_views.get_stream, name="stream")
@@ -124,3 +125,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/pulls", pull_views.list_pulls)
     app.router.add_get("/v1/pulls/{id}", pull_views.get_pull)
     app.router.add_delete("/v1/pulls/{id}", pull_views.delete_pull)
+    app.router.add_post("/v1/pulls/{id}/verify", pull_views.verify_pull)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from agents.errors import (
     DriverNotFound,
     InvalidRequest,
     VolumeExists,
+    VolumeInUse,
     VolumeNotFound,
 )
 from agents.volumes import ContainerRef, VolumeInfo
@@ -49,6 +51,8 @@ def _docker_errors(*, volume: str | None = None, driver: str | None = None) -> I
         explanation = str(e.explanation or e)
         if e.status_code == 400:
             raise InvalidRequest(f"Docker refused the request: {explanation}") from e
+        if e.status_code == 409 and volume is not None:
+            raise VolumeInUse(f"volume {volume!r} is in use: {explanation}", volume=volume) from e
         raise DockerError(f"Docker engine error: {explanation}") from e
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
         raise DockerUnavailable(f"Docker engine unreachable: {e}") from e
@@ -154,8 +158,16 @@ class DockerVolumes:
         return _volume_info(raw, ())
 
     def remove(self, name: str) -> None:
+        """Remove a volume; Docker refuses (409 volume_in_use) while a container references it."""
         with _docker_errors(volume=name):
             self._api().remove_volume(name)
+
+    def free_bytes(self) -> int:
+        """Bytes available where this engine keeps its volumes."""
+        with _docker_errors():
+            root = self._api().info()["DockerRootDir"]
+        st = os.statvfs(os.path.join(root, "volumes"))
+        return st.f_bavail * st.f_frsize
 
     def ensure_empty_image(self) -> str:
         """Import an empty image (an empty tar through `docker import`), for helper containers

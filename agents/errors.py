@@ -17,6 +17,7 @@ this tree in the module that owns the foreign system, always with `raise ... fro
     ├── MethodNotAllowed          405 method_not_allowed
     ├── Conflict                  409 conflict
     │   ├── VolumeExists          409 volume_exists
+    │   ├── VolumeInUse           409 volume_in_use
     │   ├── VolumeNotReadable     409 volume_not_readable
     │   ├── SharedStorage         409 shared_storage
     │   └── StreamChanged         409 stream_changed
@@ -101,6 +102,10 @@ class Conflict(AgentError):
 
 class VolumeExists(Conflict):
     code, title = "volume_exists", "Volume already exists"
+
+
+class VolumeInUse(Conflict):
+    code, title = "volume_in_use", "Volume in use"
 
 
 class VolumeNotReadable(Conflict):

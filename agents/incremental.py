@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -76,7 +76,10 @@ def _differs(src: Entry, dst: Entry, window_start_ns: int | None) -> bool:
     return False
 
 
-def _remove(root: bytes, path: bytes) -> None:
+OnDelete = Callable[[bytes], None]
+
+
+def _remove(root: bytes, path: bytes, on_delete: OnDelete | None) -> None:
     full = os.path.join(root, path)
     try:
         st = os.lstat(full)
@@ -86,6 +89,8 @@ def _remove(root: bytes, path: bytes) -> None:
         shutil.rmtree(full)  # fd-based: never follows a symlink inside the tree
     else:
         os.unlink(full)
+    if on_delete is not None:
+        on_delete(path)
 
 
 def plan(
@@ -93,6 +98,7 @@ def plan(
     target_root: str | bytes,
     *,
     window_start_ns: int | None,
+    on_delete: OnDelete | None = None,
 ) -> Iterator[bytes]:
     """Join the source manifest with the target's tree; delete target extras as they are met,
     and yield the paths to send, in manifest order. Blocking."""
@@ -103,7 +109,7 @@ def plan(
     for src in source:
         key = order_key(src.path)
         while dst is not None and order_key(dst.path) < key:
-            _remove(root, dst.path)
+            _remove(root, dst.path, on_delete)
             dst = next(target, None)
         same = dst if dst is not None and dst.path == src.path else None
         if same is not None:
@@ -120,7 +126,7 @@ def plan(
             yield src.path
     while dst is not None:
         if dst.path != ROOT:
-            _remove(root, dst.path)
+            _remove(root, dst.path, on_delete)
         dst = next(target, None)
 
 
@@ -199,6 +205,7 @@ async def plan_incremental_pass(
     selection_path: Path,
     *,
     window_start_ns: int | None,
+    on_delete: OnDelete | None = None,
 ) -> int:
     """Fetch the source manifest, plan against the target, write the selection file.
     Returns the number of selected paths."""
@@ -208,7 +215,12 @@ async def plan_incremental_pass(
     def run() -> int:
         count = 0
         with open(selection_path, "wb") as out:
-            for path in plan(read_manifest(manifest), target_root, window_start_ns=window_start_ns):
+            for path in plan(
+                read_manifest(manifest),
+                target_root,
+                window_start_ns=window_start_ns,
+                on_delete=on_delete,
+            ):
                 out.write(json.dumps(decode_path(path)).encode() + b"\n")
                 count += 1
         manifest.unlink()

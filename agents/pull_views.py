@@ -30,3 +30,8 @@ async def delete_pull(request: web.Request) -> web.Response:
     discard = request.query.get("discard", "false").lower() in ("1", "true", "yes")
     pull = await request.app[PULLS].cancel(request.match_info["id"], discard=discard)
     return web.json_response(pull.to_json(), status=200)
+
+
+async def verify_pull(request: web.Request) -> web.Response:
+    """Re-read the target volume and compare every file with the content the pull wrote."""
+    return web.json_response(await request.app[PULLS].verify(request.match_info["id"]))

@@ -32,6 +32,7 @@ from typing import Any
 import aiohttp
 
 from agents import frames
+from agents.content import ContentDB, verify_volume
 from agents.docker_volumes import DockerVolumes
 from agents.errors import AgentError, Conflict, InvalidRequest, PullNotFound, check_volume_name
 from agents.extract import ExtractError, Extractor, WriteFailed
@@ -232,7 +233,16 @@ class Pull:
     created_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     extractor: Extractor | None = field(default=None, repr=False)
+    content_db: ContentDB | None = field(default=None, repr=False)
     cancel_requested: bool = False
+    verification: dict[str, Any] | None = None
+
+    @property
+    def content(self) -> ContentDB:
+        """The pull's content manifest (opened on first use; blocking)."""
+        if self.content_db is None:
+            self.content_db = ContentDB(self.dir / "content.db")
+        return self.content_db
 
     def to_json(self) -> dict[str, Any]:
         j = self.journal
@@ -444,6 +454,23 @@ class PullManager:
             del self.pulls[pull_id]
         return pull
 
+    async def verify(self, pull_id: str) -> dict[str, Any]:
+        """Re-read the target volume of a finished pull and compare it with what was written."""
+        pull = self.get(pull_id)
+        if pull.state != PullState.SUCCEEDED:
+            raise Conflict(f"pull {pull_id!r} is {pull.state}; only a finished pull is verified")
+        mountpoint = await self._target_mountpoint(pull)
+
+        def run() -> dict[str, Any]:
+            db = ContentDB(pull.dir / "content.db")
+            try:
+                return verify_volume(mountpoint, db).to_json()
+            finally:
+                db.close()
+
+        pull.verification = await asyncio.to_thread(run)
+        return pull.verification
+
     def _spawn(self, pull: Pull) -> None:
         task = asyncio.get_running_loop().create_task(self._run(pull), name=f"pull-{pull.spec.id}")
         self.tasks[pull.spec.id] = task
@@ -552,6 +579,7 @@ class PullManager:
                 mountpoint,
                 pull.dir / "selection",
                 window_start_ns=previous.source_now_ns,
+                on_delete=pull.content.forget,
             )
         except PlanError as e:
             if e.code == "transfer_failed":
@@ -739,6 +767,9 @@ class PullManager:
         j = pull.journal
         try:
             extractor.feed(frame.raw)
+            # Digests before the commit: after a crash, files finished past the journaled
+            # checkpoint are reported again, so no digest can be lost between the two.
+            pull.content.record(extractor.drain_digests())
             checkpoint = extractor.commit()
         except WriteFailed as e:
             if isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.ENOSPC:
@@ -804,3 +835,6 @@ def _close_extractor(pull: Pull) -> None:
         with contextlib.suppress(Exception):
             pull.extractor.close()
         pull.extractor = None
+    if pull.content_db is not None:
+        pull.content_db.close()
+        pull.content_db = None

@@ -34,8 +34,10 @@ def volume_json(info: VolumeInfo) -> dict[str, Any]:
 async def health(request: web.Request) -> web.Response:
     docker_version = None
     docker_error = None
+    free = None
     try:
         docker_version = await asyncio.to_thread(_volumes(request).version)
+        free = await asyncio.to_thread(_volumes(request).free_bytes)
     except Exception as e:  # health reports the engine's state, it never fails on it
         docker_error = str(e)
     return web.json_response(
@@ -45,6 +47,7 @@ async def health(request: web.Request) -> web.Response:
             "hostname": socket.gethostname(),
             "docker_version": docker_version,
             "docker_error": docker_error,
+            "volumes_free_bytes": free,
         }
     )
 
@@ -122,6 +125,19 @@ async def readable_volume(request: web.Request, name: str) -> VolumeInfo:
     return info
 
 
+def _walk_totals(root: str) -> Totals:
+    totals = Totals()
+    for entry in walk(root):
+        totals.add(entry)
+    return totals
+
+
+async def delete_volume(request: web.Request) -> web.Response:
+    name = check_volume_name(request.match_info["name"])
+    await asyncio.to_thread(_volumes(request).remove, name)
+    return web.Response(status=204)
+
+
 def _take(it: Iterator[Entry], n: int) -> list[Entry]:
     batch = []
     for entry in it:
@@ -137,6 +153,9 @@ async def get_manifest(request: web.Request) -> web.StreamResponse:
     Streamed from a worker thread in batches, so memory does not grow with the volume."""
     name = check_volume_name(request.match_info["name"])
     info = await readable_volume(request, name)
+    if request.query.get("summary") in ("1", "true"):
+        totals = await asyncio.to_thread(_walk_totals, info.mountpoint)
+        return web.json_response({"totals": totals.to_json()})
     it = walk(info.mountpoint)
     first = await asyncio.to_thread(_take, it, MANIFEST_BATCH)  # fail before the 200 if we can
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})

@@ -166,3 +166,36 @@ def test_description_from_one_engine_recreates_on_another(
         assert target[key] == source[key], key
     assert target["mountpoint"] != source["mountpoint"]
     assert docker_b.api.inspect_volume(volume_name)["Labels"] == LABELS
+
+
+def test_delete_volume_refuses_while_referenced(
+    agent_a: AgentProcess, docker_a: docker.DockerClient, volume_name: str
+) -> None:
+    http = AgentHTTP(agent_a)
+    assert http.post("/v1/volumes", json={"name": volume_name}).status_code == 201
+    container = docker_a.api.create_container(
+        _empty_image(docker_a),
+        command=["/none"],
+        host_config=docker_a.api.create_host_config(
+            binds={volume_name: {"bind": "/data", "mode": "rw"}}, network_mode="none"
+        ),
+    )
+    assert_problem(http.request("DELETE", f"/v1/volumes/{volume_name}"), 409, "volume_in_use")
+    docker_a.api.remove_container(container["Id"])
+    assert http.request("DELETE", f"/v1/volumes/{volume_name}").status_code == 204
+    assert_problem(http.get(f"/v1/volumes/{volume_name}"), 404, "volume_not_found")
+
+
+def test_manifest_summary_and_free_space(
+    agent_a: AgentProcess, docker_a: docker.DockerClient, volume_name: str
+) -> None:
+    http = AgentHTTP(agent_a)
+    created = http.post("/v1/volumes", json={"name": volume_name}).json()
+    from pathlib import Path
+
+    (Path(created["mountpoint"]) / "f").write_bytes(b"x" * 1000)
+    assert (
+        http.get(f"/v1/volumes/{volume_name}/manifest?summary=true").json()["totals"]["bytes"]
+        == 1000
+    )
+    assert AgentHTTP(agent_a, token="").get("/v1/health").json()["volumes_free_bytes"] > 0

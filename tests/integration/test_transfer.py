@@ -352,3 +352,34 @@ def get_journal_offset(agent: AgentProcess, pull_id: str) -> int:
 
     doc = json.loads((agent.state_dir / "pulls" / pull_id / "journal.json").read_text())
     return int(doc["offset"])
+
+
+def test_verify_rereads_the_target_and_finds_tampering(
+    agent_a: AgentProcess,
+    agent_b: AgentProcess,
+    docker_b: docker.DockerClient,
+    source_volume: Path,
+    volume_name: str,
+) -> None:
+    build_fidelity_tree(source_volume)
+    fill_bulk(source_volume, big_mib=2, small=20)
+    pull_id = start_pull(agent_a, agent_b, volume_name)
+    assert wait_pull(agent_b, pull_id)["state"] == "succeeded"
+    http = AgentHTTP(agent_b)
+    first = http.post(f"/v1/pulls/{pull_id}/verify").json()
+    assert first["verified"] is True, first
+    assert first["mismatches"] == []
+    assert first["digest"].startswith("sha256:")
+    assert http.post(f"/v1/pulls/{pull_id}/verify").json()["digest"] == first["digest"]
+    # Flip one byte on the target behind the migration's back: verification must see it.
+    target = mountpoint(docker_b, volume_name)
+    victim = target / "small" / "f0003"
+    data = bytearray(victim.read_bytes())
+    data[0] ^= 1
+    victim.write_bytes(bytes(data))
+    (target / "small" / "f0004").unlink()
+    second = http.post(f"/v1/pulls/{pull_id}/verify").json()
+    assert second["verified"] is False
+    assert any("small/f0003" in m for m in second["mismatches"]), second
+    assert any("gone" in m for m in second["mismatches"]), second
+    assert second["digest"] != first["digest"]

@@ -1,0 +1,147 @@
+"""The content manifest of a pull, and verification of a target volume against it.
+
+Owns `<pull dir>/content.db` (SQLite; the agent's only SQL): for every regular file the pull
+wrote, the SHA-256 of its content as extracted. Those bytes were verified frame by frame
+against the SHA-256 the source took while reading them, so this is the content as the source
+read it; the last pass that wrote a path wins, and paths an incremental pass deleted are
+dropped. Verification re-reads the whole target volume independently (never the source),
+compares every file with its recorded digest, and computes the tree digest.
+
+Blocking; callers run it off the event loop. Memory stays flat: the database is indexed by
+path and the volume is walked as a stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agents.extract import FileDigest
+from agents.manifest import EntryType, decode_path, walk
+
+MAX_MISMATCHES = 100
+READ_SIZE = 1 << 20
+
+
+class ContentDB:
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, sha256 TEXT, size INTEGER)"
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+    def record(self, digests: Iterable[FileDigest]) -> None:
+        rows = [(d.path, d.sha256, d.size) for d in digests]
+        if rows:
+            with self._db:
+                self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", rows)
+
+    def forget(self, path: bytes) -> None:
+        """A path the target no longer has (deleted by an incremental pass), with its subtree."""
+        with self._db:
+            self._db.execute("DELETE FROM files WHERE path = ?", (path,))
+            # BLOB range: every path starting with "<path>/" ("/" + 1 is "0").
+            self._db.execute(
+                "DELETE FROM files WHERE path >= ? AND path < ?", (path + b"/", path + b"0")
+            )
+
+    def lookup(self, path: bytes) -> tuple[str, int] | None:
+        row = self._db.execute("SELECT sha256, size FROM files WHERE path = ?", (path,)).fetchone()
+        return None if row is None else (str(row[0]), int(row[1]))
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM files").fetchone()[0])
+
+
+def file_sha256(path: bytes) -> str:
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        while chunk := os.read(fd, READ_SIZE):
+            h.update(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+@dataclass
+class Verification:
+    verified: bool = True
+    files: int = 0
+    total_bytes: int = 0
+    digest: str = ""
+    mismatches: list[str] = field(default_factory=list)
+    mismatch_count: int = 0
+
+    def mismatch(self, path: bytes, why: str) -> None:
+        self.verified = False
+        self.mismatch_count += 1
+        if len(self.mismatches) < MAX_MISMATCHES:
+            self.mismatches.append(f"{decode_path(path)}: {why}")
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "verified": self.verified,
+            "files": self.files,
+            "bytes": self.total_bytes,
+            "digest": self.digest,
+            "mismatches": self.mismatches,
+            "mismatch_count": self.mismatch_count,
+        }
+
+
+def verify_volume(root: str, db: ContentDB) -> Verification:
+    """Re-read every file of the target and compare with the recorded content; compute the
+    tree digest: SHA-256 over the canonical manifest (metadata and content hash of every entry
+    in manifest order), so equal digests mean equal trees, whatever the chunk size was."""
+    result = Verification()
+    tree = hashlib.sha256(b"volume-migrator tree v1\n")
+    root_b = os.fsencode(root)
+    seen = 0
+    for entry in walk(root_b):
+        sha = None
+        if entry.type is EntryType.FILE:
+            full = root_b if entry.path == b"." else os.path.join(root_b, entry.path)
+            sha = file_sha256(full)
+            result.files += 1
+            if entry.hardlink_of is None:
+                result.total_bytes += entry.size
+            expected = db.lookup(entry.path)
+            if expected is None:
+                if entry.hardlink_of is None or db.lookup(entry.hardlink_of) is None:
+                    result.mismatch(entry.path, "not written by this migration")
+            else:
+                seen += 1
+                if expected != (sha, entry.size):
+                    result.mismatch(entry.path, "content differs from what the source read")
+        record = {
+            "path": decode_path(entry.path),
+            "type": entry.type.value,
+            "mode": entry.mode,
+            "uid": entry.uid,
+            "gid": entry.gid,
+            "size": entry.size,
+            "mtime_ns": entry.mtime_ns,
+            "link": None if entry.link_target is None else decode_path(entry.link_target),
+            "hardlink_of": None if entry.hardlink_of is None else decode_path(entry.hardlink_of),
+            "xattrs": [[k, v.hex()] for k, v in entry.xattrs],
+            "sha256": sha,
+        }
+        tree.update(json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+    recorded = db.count()
+    if recorded > seen:
+        result.verified = False
+        result.mismatch_count += recorded - seen
+        if len(result.mismatches) < MAX_MISMATCHES:
+            result.mismatches.append(f"{recorded - seen} file(s) written by the migration are gone")
+    result.digest = "sha256:" + tree.hexdigest()
+    return result
