@@ -15,7 +15,7 @@ import docker
 import pytest
 
 from agents.pulls import RetryPolicy
-from tests.testbed import AgentProcess, Engine
+from tests.testbed import AgentProcess, CoordinatorProcess, Engine
 
 
 def start_engine(name: str) -> Engine:
@@ -87,3 +87,28 @@ def docker_b(engine_b: Engine) -> Iterator[docker.DockerClient]:
 def volume_name() -> str:
     """A fresh volume name, so tests sharing the session's engines never collide."""
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def api_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def coordinator_config(*agents: AgentProcess) -> str:
+    return "".join(
+        f'[agents.host-{a.name}]\nurl = "{a.url}"\ntoken = "{a.token}"\n\n' for a in agents
+    )
+
+
+@pytest.fixture(scope="session")
+def coordinator(
+    agent_a: AgentProcess, agent_b: AgentProcess, api_token: str
+) -> Iterator[CoordinatorProcess]:
+    """A real coordinator with agents host-a and host-b from its config file."""
+    proc = CoordinatorProcess(
+        name="main", token=api_token, config=coordinator_config(agent_a, agent_b)
+    )
+    shutil.rmtree(proc.dir, ignore_errors=True)
+    proc.start()
+    yield proc
+    proc.stop()

@@ -271,3 +271,83 @@ class AgentProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self.proc = None
+
+
+@dataclass
+class CoordinatorProcess:
+    """A real `migrator serve` process with its own SQLite database."""
+
+    name: str
+    token: str | None
+    config: str | None = None
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def dir(self) -> Path:
+        return TESTBED_DIR / f"coordinator-{self.name}"
+
+    def start(self, timeout: float = 30.0) -> CoordinatorProcess:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            str(Path(sys.executable).parent / "migrator"),
+            "serve",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--db",
+            str(self.dir / "migrator.db"),
+        ]
+        if self.token is not None:
+            token_file = self.dir / "tokens"
+            token_file.write_text(self.token + "\n")
+            args += ["--token-file", str(token_file)]
+        if self.config is not None:
+            config_file = self.dir / "config.toml"
+            config_file.write_text(self.config)
+            args += ["--config", str(config_file)]
+        log = open(self.dir / "coordinator.log", "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            [*args, *self.extra_args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise TestbedError(f"coordinator exited:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v1/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise TestbedError(f"coordinator did not answer within {timeout}s")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            return (self.dir / "coordinator.log").read_text(errors="replace")[-chars:]
+        return ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None

@@ -1,0 +1,481 @@
+"""The migration runner: drives each migration through its phases by calling agents, persists
+every step, and resumes unfinished migrations after a restart.
+
+Nothing here touches volume data: the target agent pulls from the source agent. What must run
+once is keyed so that running it again is harmless: the pull's id is the migration's id (a
+second `POST /v1/pulls` with it returns or resumes the same pull), and the checkpoint records
+what was done (target created, transfer started). Transient agent failures are retried with
+exponential backoff; permanent ones fail the migration at once with a stable code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+
+from agents.transfer_token import default_expiry, mint_transfer_token
+from migrator.agent_client import AgentClient, AgentRefused, AgentUnreachable
+from migrator.errors import (
+    AgentNotFound,
+    AgentUnavailable,
+    Conflict,
+    InvalidState,
+    MigrationNotFound,
+    TargetBusy,
+)
+from migrator.model import TERMINAL, Migration, Phase, State, now
+from migrator.settings import CoordinatorSettings
+from migrator.store import AgentRecord, Store, TargetTaken
+
+log = logging.getLogger("migrator.orchestrator")
+T = TypeVar("T")
+
+# Progress events at most this often per migration (the API promises about once a second).
+PROGRESS_EVERY_S = 1.0
+# Room the target must have beyond the source's data: filesystem overhead of the new files.
+SPACE_MARGIN = 1.05
+PULL_ERROR_CODES = {
+    "volume_not_found": "source_volume_not_found",
+    "http_404": "source_volume_not_found",
+}
+
+
+class MigrationFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Metrics:
+    bytes_transferred: int = 0
+    retries: int = 0
+    durations: list[float] = field(default_factory=list)
+
+
+class Orchestrator:
+    def __init__(
+        self, store: Store, settings: CoordinatorSettings, session: aiohttp.ClientSession
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.session = session
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.metrics = Metrics()
+        self._changed = asyncio.Condition()
+        self._cancelling: set[str] = set()
+        self._last_progress: dict[str, float] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Pick up what a previous run left unfinished."""
+        for m in await asyncio.to_thread(self.store.unfinished):
+            log.info("resuming migration %s (%s, phase %s)", m.id, m.state, m.phase)
+            self.schedule(m)
+
+    async def stop(self) -> None:
+        """Stop the runners without touching the migrations: they resume on the next start."""
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+    def schedule(self, m: Migration) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(m.id), name=f"migration-{m.id}")
+        self.tasks[m.id] = task
+        migration_id = m.id
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self.tasks.get(migration_id) is done:
+                del self.tasks[migration_id]
+
+        task.add_done_callback(forget)
+
+    # -- reading and waiting --------------------------------------------------------------
+
+    async def get(self, migration_id: str) -> Migration:
+        m = await asyncio.to_thread(self.store.get_migration, migration_id)
+        if m is None:
+            raise MigrationNotFound(f"no migration {migration_id!r}", id=migration_id)
+        return m
+
+    async def wait_terminal(self, migration_id: str, seconds: float) -> Migration:
+        """The migration once it is terminal, or as it is after `seconds`."""
+        deadline = time.monotonic() + seconds
+        while True:
+            m = await self.get(migration_id)
+            left = deadline - time.monotonic()
+            if m.state in TERMINAL or left <= 0:
+                return m
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout=min(left, 5))
+
+    async def wait_event(self, seconds: float) -> None:
+        """Until anything changes, or `seconds` pass."""
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=seconds)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    # -- persistence and events -----------------------------------------------------------
+
+    async def save(self, m: Migration, *, state_event: bool = True) -> None:
+        await asyncio.to_thread(self.store.save_migration, m)
+        if state_event:
+            await asyncio.to_thread(self.store.append_event, m.id, "state", m.to_json())
+        await self._notify()
+
+    async def log(self, m: Migration, level: str, message: str) -> None:
+        getattr(log, level if level in ("info", "warning", "error") else "info")(
+            "%s: %s", m.id, message
+        )
+        data = {
+            "time": now().isoformat().replace("+00:00", "Z"),
+            "level": level,
+            "message": message,
+        }
+        await asyncio.to_thread(self.store.append_event, m.id, "log", data)
+        await self._notify()
+
+    async def _progress(self, m: Migration) -> None:
+        await asyncio.to_thread(self.store.save_migration, m)
+        last = self._last_progress.get(m.id, 0.0)
+        if time.monotonic() - last >= PROGRESS_EVERY_S:
+            self._last_progress[m.id] = time.monotonic()
+            await asyncio.to_thread(self.store.append_event, m.id, "progress", asdict(m.progress))
+        await self._notify()
+
+    # -- agents ---------------------------------------------------------------------------
+
+    async def agent(self, name: str) -> tuple[AgentRecord, AgentClient]:
+        rec = await asyncio.to_thread(self.store.get_agent, name)
+        if rec is None:
+            raise AgentNotFound(f"no agent named {name!r}", agent=name)
+        return rec, AgentClient(self.session, rec.url, rec.token)
+
+    async def _retrying(self, m: Migration, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Call an agent, retrying while it is unreachable; then fail with agent_unreachable."""
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except AgentUnreachable as e:
+                attempt += 1
+                if attempt >= self.settings.agent_retries:
+                    raise MigrationFailed(
+                        "agent_unreachable", f"{what}: {e} (gave up after {attempt} attempts)"
+                    ) from e
+                self.metrics.retries += 1
+                delay = min(self.settings.agent_retry_max_delay_s, 0.5 * 2 ** (attempt - 1))
+                await self.log(m, "warning", f"{what}: {e}; retrying in {delay:.1f}s")
+                await asyncio.sleep(delay)
+
+    # -- commands -------------------------------------------------------------------------
+
+    async def cancel(self, migration_id: str) -> Migration:
+        m = await self.get(migration_id)
+        if m.state in TERMINAL:
+            raise InvalidState(f"migration {migration_id} is already {m.state}")
+        task = self.tasks.get(migration_id)
+        if task is not None:
+            self._cancelling.add(migration_id)
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            self._cancelling.discard(migration_id)
+            return await self.get(migration_id)
+        m.cancel(result={"target_complete": False})
+        await self.save(m)
+        return m
+
+    async def retry(self, migration_id: str) -> Migration:
+        m = await self.get(migration_id)
+        m.retry()
+        try:
+            await self.save(m)
+        except TargetTaken as e:
+            raise TargetBusy(
+                f"migration {e.migration_id} now writes {e.agent}:{e.volume}; retry after it",
+                migration=e.migration_id,
+            ) from e
+        await self.log(m, "info", f"retry: attempt {m.attempts}")
+        self.schedule(m)
+        return m
+
+    async def discard(self, migration_id: str) -> Migration:
+        """Remove the partial target this migration created, and the target's journal."""
+        m = await self.get(migration_id)
+        if m.state not in (State.FAILED, State.CANCELLED):
+            raise InvalidState(
+                f"only a failed or cancelled migration can be discarded, not a {m.state} one"
+            )
+        _, target = await self.agent(m.request.target.agent)
+        try:
+            pull = await target.delete_pull(m.id, discard=True)
+        except AgentUnreachable as e:
+            raise AgentUnavailable(f"target agent unreachable; discard later: {e}") from e
+        except AgentRefused as e:
+            if e.code != "pull_not_found":
+                raise Conflict(f"the target agent refused: {e.detail}", agent_code=e.code) from e
+            pull = None
+        removed = bool(pull and pull.get("created_volume"))
+        m.checkpoint["discarded"] = True
+        if m.result is not None:
+            m.result["target_complete"] = False
+        await self.save(m)
+        await self.log(
+            m,
+            "info",
+            "discarded: the partial target volume was removed"
+            if removed
+            else "discarded: the target's journal was removed (the volume was not ours)",
+        )
+        return m
+
+    # -- the runner -----------------------------------------------------------------------
+
+    async def _run(self, migration_id: str) -> None:
+        m = await self.get(migration_id)
+        started = time.monotonic()
+        try:
+            if m.state is State.QUEUED:
+                m.start()
+                await self.save(m)
+            result = await self._migrate(m)
+            result["duration_s"] = round(time.monotonic() - started, 3)
+            m.succeed(result)
+            self.metrics.bytes_transferred += int(result.get("bytes") or 0)
+            self.metrics.durations.append(result["duration_s"])
+            # The log line goes first: the terminal state is the stream's last event.
+            await self.log(m, "info", "succeeded")
+            await self.save(m)
+        except MigrationFailed as e:
+            m.fail(e.code, e.message, result=m.result or {"target_complete": False})
+            await self.log(m, "error", f"failed: {e.code}: {e.message}")
+            await self.save(m)
+        except AgentNotFound as e:
+            m.fail("agent_not_found", e.detail)
+            await self.save(m)
+        except asyncio.CancelledError:
+            if migration_id not in self._cancelling:
+                raise  # shutting down: the migration resumes on the next start
+            await self._stop_pull(m)
+            m = await self.get(migration_id)
+            m.cancel(result={"target_complete": False})
+            await self.log(m, "info", "cancelled")
+            await self.save(m)
+        except Exception as e:
+            log.exception("migration %s failed unexpectedly", migration_id)
+            m.fail("internal_error", f"{type(e).__name__}: {e}")
+            await self.save(m)
+
+    async def _stop_pull(self, m: Migration) -> None:
+        with contextlib.suppress(Exception):
+            _, target = await self.agent(m.request.target.agent)
+            await asyncio.wait_for(target.delete_pull(m.id), timeout=10)
+
+    async def _migrate(self, m: Migration) -> dict[str, Any]:
+        req = m.request
+        source_rec, source = await self.agent(req.source.agent)
+        _, target = await self.agent(req.target.agent)
+        if not m.checkpoint.get("transfer_started"):
+            m.enter(Phase.PREPARING)
+            await self.save(m)
+            await self._prepare(m, source, target)
+        m.enter(Phase.TRANSFERRING)
+        await self.save(m)
+        pull = await self._transfer(m, source_rec, target)
+        result: dict[str, Any] = {
+            "bytes": m.checkpoint.get("source_bytes", pull["progress"]["bytes_total"]),
+            "files": m.checkpoint.get("source_files", pull["progress"]["files_total"]),
+            "digest": None,
+            "verified": False,
+            "downtime_s": 0.0,
+            "consistency": m.checkpoint.get("consistency", "idle"),
+            "passes": [
+                {"bytes": p.get("bytes"), "files": p.get("files"), "duration_s": None}
+                for p in pull.get("passes") or []
+            ],
+            "target_complete": True,
+            "mismatches": [],
+            "warnings": list(m.checkpoint.get("warnings", [])),
+        }
+        m.result = result
+        if req.options.verify == "checksum":
+            m.enter(Phase.VERIFYING)
+            await self.save(m)
+            verification = await self._retrying(
+                m, "verifying the target", lambda: target.verify_pull(m.id)
+            )
+            result["digest"] = verification["digest"]
+            result["mismatches"] = verification["mismatches"]
+            if not verification["verified"]:
+                raise MigrationFailed(
+                    "verification_failed",
+                    f"{verification['mismatch_count']} path(s) differ from what the source read",
+                )
+            result["verified"] = True
+        m.enter(Phase.FINALIZING)
+        await self.save(m)
+        if req.options.delete_source:
+            if result["verified"]:
+                await self._delete_source(m, source, result)
+            else:
+                result["warnings"].append("source kept: delete_source needs verify: checksum")
+        return result
+
+    async def _prepare(self, m: Migration, source: AgentClient, target: AgentClient) -> None:
+        req = m.request
+        try:
+            info = await self._retrying(
+                m, "inspecting the source volume", lambda: source.inspect_volume(req.source.volume)
+            )
+        except MigrationFailed:
+            raise
+        except AgentRefused as e:
+            code = "source_volume_not_found" if e.code == "volume_not_found" else e.code
+            raise MigrationFailed(code, e.detail) from e
+        if not info.get("readable", False):
+            raise MigrationFailed(
+                "volume_not_readable",
+                f"source volume {req.source.volume!r}: {info.get('unreadable_reason')}",
+            )
+        running = [c["name"] for c in info.get("in_use_by", []) if c.get("running")]
+        if running and req.options.quiesce == "none":
+            if not req.options.allow_in_use:
+                raise MigrationFailed(
+                    "volume_in_use",
+                    f"running containers use {req.source.volume!r}: {', '.join(running)}",
+                )
+            m.checkpoint["consistency"] = "crash_consistent"
+            m.checkpoint.setdefault("warnings", []).append(
+                f"copied while {', '.join(running)} kept running: crash-consistent at best"
+            )
+        else:
+            m.checkpoint["consistency"] = "quiesced" if running else "idle"
+        try:
+            await self._retrying(
+                m, "inspecting the target", lambda: target.inspect_volume(req.target.volume)
+            )
+            exists = True
+        except AgentRefused as e:
+            if e.code != "volume_not_found":
+                raise MigrationFailed(e.code, e.detail) from e
+            exists = False
+        if exists and req.options.if_target_exists == "fail" and not m.checkpoint.get("created"):
+            raise MigrationFailed(
+                "target_exists",
+                f"volume {req.target.volume!r} already exists on {req.target.agent} "
+                "(use if_target_exists: sync to make it identical)",
+            )
+        totals = await self._retrying(
+            m, "measuring the source", lambda: source.volume_totals(req.source.volume)
+        )
+        m.checkpoint["source_bytes"] = totals["bytes"]
+        m.checkpoint["source_files"] = totals["files"]
+        m.progress.bytes_total = int(totals["bytes"])
+        m.progress.files_total = int(totals["files"])
+        health = await self._retrying(m, "checking the target", target.health)
+        free = health.get("volumes_free_bytes")
+        if free is not None and not exists and free < totals["data_bytes"] * SPACE_MARGIN:
+            raise MigrationFailed(
+                "target_no_space",
+                f"the target has {free} bytes free, the source holds {totals['data_bytes']}",
+            )
+        await self.save(m, state_event=False)
+
+    async def _transfer(
+        self, m: Migration, source_rec: AgentRecord, target: AgentClient
+    ) -> dict[str, Any]:
+        req = m.request
+        token = mint_transfer_token(
+            source_rec.token,
+            volume=req.source.volume,
+            transfer_id=m.id,
+            expires_at=default_expiry(),
+        )
+        options: dict[str, Any] = {
+            "compression": req.options.compression,
+            "if_target_exists": req.options.if_target_exists,
+        }
+        if req.options.max_rate_bytes_per_s is not None:
+            options["max_rate_bytes_per_s"] = req.options.max_rate_bytes_per_s
+        if req.target_driver is not None:
+            options["driver"] = req.target_driver
+        if req.target_driver_opts is not None:
+            options["driver_opts"] = req.target_driver_opts
+        body = {
+            "id": m.id,
+            "volume": req.target.volume,
+            "source": {
+                "url": source_rec.data_url or source_rec.url,
+                "volume": req.source.volume,
+                "token": token,
+            },
+            "options": options,
+        }
+        try:
+            await self._retrying(m, "starting the pull", lambda: target.create_pull(body))
+        except AgentRefused as e:
+            raise MigrationFailed(e.code, e.detail) from e
+        if not m.checkpoint.get("transfer_started"):
+            m.checkpoint["transfer_started"] = True
+            await self.save(m, state_event=False)
+            await self.log(
+                m, "info", f"transfer started: {req.target.agent} pulls from {req.source.agent}"
+            )
+        while True:
+            try:
+                pull = await self._retrying(m, "following the pull", lambda: target.get_pull(m.id))
+            except AgentRefused as e:
+                if e.code == "pull_not_found":  # the target lost its state: start it again
+                    await self._retrying(m, "restarting the pull", lambda: target.create_pull(body))
+                    continue
+                raise MigrationFailed(e.code, e.detail) from e
+            p = pull["progress"]
+            m.progress.bytes_total = int(p["bytes_total"]) or m.progress.bytes_total
+            m.progress.bytes_done = int(p["bytes_done"])
+            m.progress.files_total = int(p["files_total"]) or m.progress.files_total
+            m.progress.files_done = int(p["files_done"])
+            m.progress.rate_bytes_per_s = float(p["rate_bytes_per_s"])
+            left = m.progress.bytes_total - m.progress.bytes_done
+            m.progress.eta_s = (
+                round(left / m.progress.rate_bytes_per_s, 1)
+                if m.progress.rate_bytes_per_s > 0 and left > 0
+                else None
+            )
+            m.checkpoint["created"] = bool(pull.get("created_volume"))
+            await self._progress(m)
+            if pull["state"] == "succeeded":
+                return pull
+            if pull["state"] in ("failed", "cancelled"):
+                err = pull.get("error") or {}
+                code = str(err.get("code") or "transfer_failed")
+                raise MigrationFailed(PULL_ERROR_CODES.get(code, code), str(err.get("message")))
+            await asyncio.sleep(self.settings.poll_interval_s)
+
+    async def _delete_source(
+        self, m: Migration, source: AgentClient, result: dict[str, Any]
+    ) -> None:
+        name = m.request.source.volume
+        try:
+            await self._retrying(m, "deleting the source", lambda: source.delete_volume(name))
+        except AgentRefused as e:
+            result["warnings"].append(f"source volume {name!r} was kept: {e.detail}")
+            return
+        await self.log(m, "info", f"source volume {name!r} deleted after verification")
