@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from agents import pull_views, source_views, views
+from agents import pull_views, quiesce, source_views, views
 from agents.appkeys import PULLS, SETTINGS, VOLUMES
 from agents.docker_volumes import DockerVolumes
 from agents.errors import (
@@ -116,6 +116,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/volumes/{name}", views.get_volume)
     app.router.add_delete("/v1/volumes/{name}", views.delete_volume)
     app.router.add_get("/v1/volumes/{name}/containers", views.get_volume_containers)
+    app.router.add_post("/v1/volumes/{name}/quiesce", quiesce.quiesce)
+    app.router.add_post("/v1/volumes/{name}/unquiesce", quiesce.unquiesce)
     app.router.add_get("/v1/volumes/{name}/manifest", views.get_manifest, name="manifest")
     app.router.add_get("/v1/volumes/{name}/stream", source_views.get_stream, name="stream")
     app.router.add_post(

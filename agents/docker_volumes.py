@@ -169,6 +169,25 @@ class DockerVolumes:
         st = os.statvfs(os.path.join(root, "volumes"))
         return st.f_bavail * st.f_frsize
 
+    def stop_container(self, container_id: str, timeout_s: int) -> None:
+        """Graceful `docker stop`: SIGTERM (or the image's stop signal), SIGKILL after
+        `timeout_s`, so a database gets its shutdown checkpoint."""
+        with _docker_errors():
+            self._api().stop(container_id, timeout=timeout_s)
+
+    def start_container(self, container_id: str) -> None:
+        with _docker_errors():
+            self._api().start(container_id)
+
+    def container_running(self, container_id: str) -> bool | None:
+        """True/False, or None when the container no longer exists."""
+        with _docker_errors():
+            try:
+                state = self._api().inspect_container(container_id)["State"]
+            except docker.errors.NotFound:
+                return None
+        return bool(state.get("Running"))
+
     def ensure_empty_image(self) -> str:
         """Import an empty image (an empty tar through `docker import`), for helper containers
         that are created but never started: no registry is ever needed."""

@@ -115,6 +115,12 @@ class PullSpec:
     driver: str | None = None
     driver_opts: dict[str, str] | None = None
     labels: dict[str, str] | None = None
+    continues: str | None = None
+    """An earlier pull into the same volume whose content manifest this one extends (the
+    passes of a pre-copied migration are separate pulls)."""
+    window_start_ns: int | None = None
+    """Source clock at the start of the earliest pass whose copy this pull refreshes: files
+    with a later mtime are re-sent even when their metadata matches."""
 
     def public(self) -> dict[str, Any]:
         return {
@@ -131,6 +137,8 @@ _OPTION_TYPES: dict[str, Any] = {
     "driver": (str, type(None)),
     "driver_opts": (dict, type(None)),
     "labels": (dict, type(None)),
+    "continues": (str, type(None)),
+    "window_start_ns": (int, type(None)),
 }
 
 
@@ -256,6 +264,7 @@ class Pull:
             "committed_offset": j.offset,
             "stream_id": j.stream_id,
             "pass": j.pass_no,
+            "pass_started_ns": j.source_now_ns,
             "incremental": j.incremental,
             "attempts": self.attempts,
             "reconnects": self.reconnects,
@@ -432,7 +441,15 @@ class PullManager:
                     pull=other.spec.id,
                 )
         pull = Pull(spec=spec, dir=self.root / spec.id)
+        pull.journal.source_now_ns = spec.window_start_ns
         pull.dir.mkdir(parents=True, exist_ok=True)
+        if spec.continues is not None:
+            earlier = self.get(spec.continues)
+            if earlier.spec.volume != spec.volume:
+                raise Conflict(f"pull {spec.continues!r} wrote another volume")
+            await asyncio.to_thread(
+                shutil.copyfile, earlier.dir / "content.db", pull.dir / "content.db"
+            )
         await asyncio.to_thread(pull.save)
         self.pulls[spec.id] = pull
         self._spawn(pull)

@@ -86,6 +86,25 @@ class AgentClient:
     async def delete_volume(self, name: str) -> None:
         await self._call("DELETE", f"/v1/volumes/{name}")
 
+    async def quiesce(self, volume: str, timeout_s: int) -> list[dict[str, str]]:
+        """Stop the running containers that use `volume`; returns those it stopped."""
+        doc = await self._call(
+            "POST",
+            f"/v1/volumes/{volume}/quiesce",
+            body={"timeout_s": timeout_s},
+            limits=aiohttp.ClientTimeout(total=timeout_s + 60, sock_connect=10),
+        )
+        return list(doc["stopped"])
+
+    async def unquiesce(self, volume: str, container_ids: list[str]) -> dict[str, Any]:
+        doc: dict[str, Any] = await self._call(
+            "POST",
+            f"/v1/volumes/{volume}/unquiesce",
+            body={"containers": container_ids},
+            limits=aiohttp.ClientTimeout(total=300, sock_connect=10),
+        )
+        return doc
+
     async def create_pull(self, body: dict[str, Any]) -> dict[str, Any]:
         doc: dict[str, Any] = await self._call("POST", "/v1/pulls", body=body)
         return doc

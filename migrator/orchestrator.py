@@ -41,6 +41,11 @@ T = TypeVar("T")
 PROGRESS_EVERY_S = 1.0
 # Room the target must have beyond the source's data: filesystem overhead of the new files.
 SPACE_MARGIN = 1.05
+# Pre-copy (DESIGN, issue of database-safe migrations): stop when a pass sends less than this,
+# or less than this share of the pass before, and never run more passes than this.
+PRECOPY_SMALL_BYTES = 64 << 20
+PRECOPY_SHRINK = 0.05
+PRECOPY_MAX_PASSES = 5
 PULL_ERROR_CODES = {
     "volume_not_found": "source_volume_not_found",
     "http_404": "source_volume_not_found",
@@ -225,15 +230,20 @@ class Orchestrator:
                 f"only a failed or cancelled migration can be discarded, not a {m.state} one"
             )
         _, target = await self.agent(m.request.target.agent)
-        try:
-            pull = await target.delete_pull(m.id, discard=True)
-        except AgentUnreachable as e:
-            raise AgentUnavailable(f"target agent unreachable; discard later: {e}") from e
-        except AgentRefused as e:
-            if e.code != "pull_not_found":
-                raise Conflict(f"the target agent refused: {e.detail}", agent_code=e.code) from e
-            pull = None
-        removed = bool(pull and pull.get("created_volume"))
+        removed = False
+        # Later passes first: only the first pull created the volume, and it goes last.
+        for pull_id in reversed(m.checkpoint.get("pulls") or [m.id]):
+            try:
+                pull = await target.delete_pull(pull_id, discard=True)
+            except AgentUnreachable as e:
+                raise AgentUnavailable(f"target agent unreachable; discard later: {e}") from e
+            except AgentRefused as e:
+                if e.code != "pull_not_found":
+                    raise Conflict(
+                        f"the target agent refused: {e.detail}", agent_code=e.code
+                    ) from e
+                pull = None
+            removed = removed or bool(pull and pull.get("created_volume"))
         m.checkpoint["discarded"] = True
         if m.result is not None:
             m.result["target_complete"] = False
@@ -265,6 +275,7 @@ class Orchestrator:
             await self.log(m, "info", "succeeded")
             await self.save(m)
         except MigrationFailed as e:
+            await self._restart_stopped(m)
             m.fail(e.code, e.message, result=m.result or {"target_complete": False})
             await self.log(m, "error", f"failed: {e.code}: {e.message}")
             await self.save(m)
@@ -275,19 +286,42 @@ class Orchestrator:
             if migration_id not in self._cancelling:
                 raise  # shutting down: the migration resumes on the next start
             await self._stop_pull(m)
-            m = await self.get(migration_id)
+            await self._restart_stopped(m)
             m.cancel(result={"target_complete": False})
             await self.log(m, "info", "cancelled")
             await self.save(m)
         except Exception as e:
             log.exception("migration %s failed unexpectedly", migration_id)
+            await self._restart_stopped(m)
             m.fail("internal_error", f"{type(e).__name__}: {e}")
             await self.save(m)
 
     async def _stop_pull(self, m: Migration) -> None:
+        pull_id = m.checkpoint.get("current_pull", m.id)
         with contextlib.suppress(Exception):
             _, target = await self.agent(m.request.target.agent)
-            await asyncio.wait_for(target.delete_pull(m.id), timeout=10)
+            await asyncio.wait_for(target.delete_pull(pull_id), timeout=10)
+
+    async def _restart_stopped(self, m: Migration) -> None:
+        """Start again exactly the containers this migration stopped (never others), however
+        it ends; retried while the source agent is unreachable."""
+        ids = m.checkpoint.get("stopped_ids") or m.checkpoint.get("stopping_ids")
+        if not ids or m.checkpoint.get("restarted"):
+            return
+        _, source = await self.agent(m.request.source.agent)
+        try:
+            answer = await self._retrying(
+                m,
+                "restarting the source's containers",
+                lambda: source.unquiesce(m.request.source.volume, list(ids)),
+            )
+        except (MigrationFailed, AgentRefused) as e:
+            await self.log(m, "error", f"could not restart containers {ids}: {e}")
+            return
+        m.checkpoint["restarted"] = True
+        m.checkpoint["restarted_at"] = time.time()
+        await self.save(m, state_event=False)
+        await self.log(m, "info", f"restarted source containers: {answer.get('started')}")
 
     async def _migrate(self, m: Migration) -> dict[str, Any]:
         req = m.request
@@ -297,20 +331,33 @@ class Orchestrator:
             m.enter(Phase.PREPARING)
             await self.save(m)
             await self._prepare(m, source, target)
+        quiesce = req.options.quiesce == "stop" and bool(m.checkpoint.get("running"))
+        passes: list[dict[str, Any]] = []
+        previous: str | None = None
+        if quiesce and req.options.precopy:
+            previous = await self._precopy(m, source_rec, target, passes)
+        if quiesce:
+            await self._quiesce(m, source)
+        final_id = f"{m.id}-final" if previous is not None else m.id
         m.enter(Phase.TRANSFERRING)
         await self.save(m)
-        pull = await self._transfer(m, source_rec, target)
+        pull = await self._pass(m, source_rec, target, final_id, continues=previous)
+        passes.append(_pass_summary(pull))
+        downtime = 0.0
+        if quiesce:
+            # The source has been read: its containers need not wait for verification.
+            if req.options.restart_source_containers:
+                await self._restart_stopped(m)
+            end = m.checkpoint.get("restarted_at") or time.time()
+            downtime = round(end - m.checkpoint["stopped_at"], 3)
         result: dict[str, Any] = {
             "bytes": m.checkpoint.get("source_bytes", pull["progress"]["bytes_total"]),
             "files": m.checkpoint.get("source_files", pull["progress"]["files_total"]),
             "digest": None,
             "verified": False,
-            "downtime_s": 0.0,
+            "downtime_s": downtime,
             "consistency": m.checkpoint.get("consistency", "idle"),
-            "passes": [
-                {"bytes": p.get("bytes"), "files": p.get("files"), "duration_s": None}
-                for p in pull.get("passes") or []
-            ],
+            "passes": passes,
             "target_complete": True,
             "mismatches": [],
             "warnings": list(m.checkpoint.get("warnings", [])),
@@ -320,7 +367,7 @@ class Orchestrator:
             m.enter(Phase.VERIFYING)
             await self.save(m)
             verification = await self._retrying(
-                m, "verifying the target", lambda: target.verify_pull(m.id)
+                m, "verifying the target", lambda: target.verify_pull(final_id)
             )
             result["digest"] = verification["digest"]
             result["mismatches"] = verification["mismatches"]
@@ -368,6 +415,7 @@ class Orchestrator:
             )
         else:
             m.checkpoint["consistency"] = "quiesced" if running else "idle"
+        m.checkpoint["running"] = running
         try:
             await self._retrying(
                 m, "inspecting the target", lambda: target.inspect_volume(req.target.volume)
@@ -399,8 +447,62 @@ class Orchestrator:
             )
         await self.save(m, state_event=False)
 
-    async def _transfer(
-        self, m: Migration, source_rec: AgentRecord, target: AgentClient
+    async def _precopy(
+        self,
+        m: Migration,
+        source_rec: AgentRecord,
+        target: AgentClient,
+        passes: list[dict[str, Any]],
+    ) -> str:
+        """Copy while the containers run, pass after pass while each shrinks the delta: stop
+        when a pass sends less than 64 MiB or 5% of the one before, at most 5 passes."""
+        m.enter(Phase.PRECOPY)
+        await self.save(m)
+        previous: str | None = None
+        sent_before: int | None = None
+        for n in range(1, PRECOPY_MAX_PASSES + 1):
+            pull_id = f"{m.id}-p{n}"
+            pull = await self._pass(m, source_rec, target, pull_id, continues=previous)
+            summary = _pass_summary(pull)
+            passes.append(summary)
+            previous = pull_id
+            sent = int(summary["bytes"] or 0)
+            await self.log(m, "info", f"pre-copy pass {n} sent {sent} bytes")
+            if sent < PRECOPY_SMALL_BYTES or (
+                sent_before is not None and sent < sent_before * PRECOPY_SHRINK
+            ):
+                break
+            sent_before = sent
+        assert previous is not None
+        return previous
+
+    async def _quiesce(self, m: Migration, source: AgentClient) -> None:
+        """Stop the source's running containers, recording durably which ones, first the
+        ones about to be stopped, then those the agent did stop."""
+        if "stopped_ids" in m.checkpoint:
+            return  # a resumed run: they are stopped already
+        req = m.request
+        m.enter(Phase.QUIESCING)
+        info = await self._retrying(
+            m, "listing the source's containers", lambda: source.inspect_volume(req.source.volume)
+        )
+        m.checkpoint["stopping_ids"] = [c["id"] for c in info["in_use_by"] if c["running"]]
+        await self.save(m)
+        m.checkpoint["stopped_at"] = time.time()
+        try:
+            stopped = await self._retrying(
+                m,
+                "stopping the source's containers",
+                lambda: source.quiesce(req.source.volume, req.options.stop_timeout_s),
+            )
+        except AgentRefused as e:
+            raise MigrationFailed(e.code, f"stopping containers: {e.detail}") from e
+        m.checkpoint["stopped_ids"] = [c["id"] for c in stopped]
+        await self.save(m, state_event=False)
+        await self.log(m, "info", f"stopped {', '.join(c['name'] for c in stopped) or 'nothing'}")
+
+    def _pull_body(
+        self, m: Migration, source_rec: AgentRecord, pull_id: str, continues: str | None
     ) -> dict[str, Any]:
         req = m.request
         token = mint_transfer_token(
@@ -411,16 +513,20 @@ class Orchestrator:
         )
         options: dict[str, Any] = {
             "compression": req.options.compression,
-            "if_target_exists": req.options.if_target_exists,
+            "if_target_exists": "sync" if continues else req.options.if_target_exists,
         }
+        if continues is not None:
+            options["continues"] = continues
+            if m.checkpoint.get("window_start_ns") is not None:
+                options["window_start_ns"] = m.checkpoint["window_start_ns"]
         if req.options.max_rate_bytes_per_s is not None:
             options["max_rate_bytes_per_s"] = req.options.max_rate_bytes_per_s
         if req.target_driver is not None:
             options["driver"] = req.target_driver
         if req.target_driver_opts is not None:
             options["driver_opts"] = req.target_driver_opts
-        body = {
-            "id": m.id,
+        return {
+            "id": pull_id,
             "volume": req.target.volume,
             "source": {
                 "url": source_rec.data_url or source_rec.url,
@@ -429,45 +535,71 @@ class Orchestrator:
             },
             "options": options,
         }
+
+    async def _pass(
+        self,
+        m: Migration,
+        source_rec: AgentRecord,
+        target: AgentClient,
+        pull_id: str,
+        *,
+        continues: str | None,
+    ) -> dict[str, Any]:
+        """One pull into the target, followed to its end. Keyed by `pull_id`, so a resumed
+        run finds the pull the target already has (running, or done) instead of a new one."""
+        req = m.request
+        body = self._pull_body(m, source_rec, pull_id, continues)
+        started = time.monotonic()
         try:
             await self._retrying(m, "starting the pull", lambda: target.create_pull(body))
         except AgentRefused as e:
             raise MigrationFailed(e.code, e.detail) from e
-        if not m.checkpoint.get("transfer_started"):
+        if m.checkpoint.get("current_pull") != pull_id:
+            m.checkpoint["current_pull"] = pull_id
+            m.checkpoint.setdefault("pulls", []).append(pull_id)
             m.checkpoint["transfer_started"] = True
             await self.save(m, state_event=False)
             await self.log(
-                m, "info", f"transfer started: {req.target.agent} pulls from {req.source.agent}"
+                m, "info", f"pass {pull_id}: {req.target.agent} pulls from {req.source.agent}"
             )
         while True:
             try:
-                pull = await self._retrying(m, "following the pull", lambda: target.get_pull(m.id))
+                pull = await self._retrying(
+                    m, "following the pull", lambda: target.get_pull(pull_id)
+                )
             except AgentRefused as e:
                 if e.code == "pull_not_found":  # the target lost its state: start it again
                     await self._retrying(m, "restarting the pull", lambda: target.create_pull(body))
                     continue
                 raise MigrationFailed(e.code, e.detail) from e
-            p = pull["progress"]
-            m.progress.bytes_total = int(p["bytes_total"]) or m.progress.bytes_total
-            m.progress.bytes_done = int(p["bytes_done"])
-            m.progress.files_total = int(p["files_total"]) or m.progress.files_total
-            m.progress.files_done = int(p["files_done"])
-            m.progress.rate_bytes_per_s = float(p["rate_bytes_per_s"])
-            left = m.progress.bytes_total - m.progress.bytes_done
-            m.progress.eta_s = (
-                round(left / m.progress.rate_bytes_per_s, 1)
-                if m.progress.rate_bytes_per_s > 0 and left > 0
-                else None
-            )
-            m.checkpoint["created"] = bool(pull.get("created_volume"))
+            self._follow(m, pull)
             await self._progress(m)
             if pull["state"] == "succeeded":
+                pull["duration_s"] = round(time.monotonic() - started, 3)
                 return pull
             if pull["state"] in ("failed", "cancelled"):
                 err = pull.get("error") or {}
                 code = str(err.get("code") or "transfer_failed")
                 raise MigrationFailed(PULL_ERROR_CODES.get(code, code), str(err.get("message")))
             await asyncio.sleep(self.settings.poll_interval_s)
+
+    def _follow(self, m: Migration, pull: dict[str, Any]) -> None:
+        p = pull["progress"]
+        m.progress.bytes_total = int(p["bytes_total"]) or m.progress.bytes_total
+        m.progress.bytes_done = int(p["bytes_done"])
+        m.progress.files_total = int(p["files_total"]) or m.progress.files_total
+        m.progress.files_done = int(p["files_done"])
+        m.progress.rate_bytes_per_s = float(p["rate_bytes_per_s"])
+        left = m.progress.bytes_total - m.progress.bytes_done
+        m.progress.eta_s = (
+            round(left / m.progress.rate_bytes_per_s, 1)
+            if m.progress.rate_bytes_per_s > 0 and left > 0
+            else None
+        )
+        if pull.get("created_volume"):
+            m.checkpoint["created"] = True
+        if m.checkpoint.get("window_start_ns") is None and pull.get("pass_started_ns"):
+            m.checkpoint["window_start_ns"] = pull["pass_started_ns"]
 
     async def _delete_source(
         self, m: Migration, source: AgentClient, result: dict[str, Any]
@@ -479,3 +611,11 @@ class Orchestrator:
             result["warnings"].append(f"source volume {name!r} was kept: {e.detail}")
             return
         await self.log(m, "info", f"source volume {name!r} deleted after verification")
+
+
+def _pass_summary(pull: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "bytes": sum(int(p.get("bytes") or 0) for p in pull.get("passes") or []),
+        "files": sum(int(p.get("files") or 0) for p in pull.get("passes") or []),
+        "duration_s": pull.get("duration_s"),
+    }
