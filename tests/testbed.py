@@ -188,16 +188,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass
-class AgentProcess:
-    """A real `migrator-agent serve` process pointed at one engine."""
+class ServiceProcess:
+    """A project service run as a real subprocess, answering `GET /v1/health` when up.
+    Subclasses give `name`, `port`, `dir` and `command()`."""
 
     name: str
-    engine: Engine
-    token: str
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
-    extra_args: list[str] = field(default_factory=list)
+    port: int
+    proc: subprocess.Popen[bytes] | None
+    kind = "service"
 
     @property
     def url(self) -> str:
@@ -205,55 +203,40 @@ class AgentProcess:
 
     @property
     def dir(self) -> Path:
-        return TESTBED_DIR / f"agent-{self.name}"
+        return TESTBED_DIR / f"{self.kind}-{self.name}"
 
     @property
-    def state_dir(self) -> Path:
-        return self.dir / "state"
+    def log_path(self) -> Path:
+        return self.dir / f"{self.kind}.log"
 
-    def start(self, timeout: float = 30.0) -> AgentProcess:
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def launch(self, timeout: float) -> None:
+        """Start `command()`, appending its output to the log, and wait until it is healthy."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        token_file = self.dir / "token"
-        token_file.write_text(self.token + "\n")
-        token_file.chmod(0o600)
-        exe = Path(sys.executable).parent / "migrator-agent"
-        log = open(self.dir / "agent.log", "ab")  # noqa: SIM115 - owned by the process
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
-            [
-                str(exe),
-                "serve",
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--token-file",
-                str(token_file),
-                "--docker-host",
-                self.engine.url,
-                "--state-dir",
-                str(self.state_dir),
-                *self.extra_args,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise TestbedError(f"agent {self.name} exited:\n{self.log_tail()}")
+                raise TestbedError(f"{self.kind} {self.name} exited:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/v1/health", timeout=2) as r:
                     if r.status == 200:
-                        return self
+                        return
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.05)
         self.stop()
-        raise TestbedError(f"agent {self.name} did not answer within {timeout}s")
+        raise TestbedError(f"{self.kind} {self.name} did not answer within {timeout}s")
 
     def log_tail(self, chars: int = 3000) -> str:
         with contextlib.suppress(FileNotFoundError):
-            return (self.dir / "agent.log").read_text(errors="replace")[-chars:]
+            return self.log_path.read_text(errors="replace")[-chars:]
         return ""
 
     def kill(self) -> None:
@@ -266,15 +249,58 @@ class AgentProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self.proc = None
 
 
+def _script(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
 @dataclass
-class CoordinatorProcess:
+class AgentProcess(ServiceProcess):
+    """A real `migrator-agent serve` process pointed at one engine."""
+
+    name: str
+    engine: Engine
+    token: str
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    extra_args: list[str] = field(default_factory=list)
+    kind = "agent"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.dir / "state"
+
+    def command(self) -> list[str]:
+        token_file = self.dir / "token"
+        token_file.write_text(self.token + "\n")
+        token_file.chmod(0o600)
+        return [
+            _script("migrator-agent"),
+            "serve",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--token-file",
+            str(token_file),
+            "--docker-host",
+            self.engine.url,
+            "--state-dir",
+            str(self.state_dir),
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 30.0) -> AgentProcess:
+        self.launch(timeout)
+        return self
+
+
+@dataclass
+class CoordinatorProcess(ServiceProcess):
     """A real `migrator serve` process with its own SQLite database."""
 
     name: str
@@ -283,19 +309,11 @@ class CoordinatorProcess:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     extra_args: list[str] = field(default_factory=list)
+    kind = "coordinator"
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def dir(self) -> Path:
-        return TESTBED_DIR / f"coordinator-{self.name}"
-
-    def start(self, timeout: float = 30.0) -> CoordinatorProcess:
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def command(self) -> list[str]:
         args = [
-            str(Path(sys.executable).parent / "migrator"),
+            _script("migrator"),
             "serve",
             "--listen",
             f"127.0.0.1:{self.port}",
@@ -310,44 +328,8 @@ class CoordinatorProcess:
             config_file = self.dir / "config.toml"
             config_file.write_text(self.config)
             args += ["--config", str(config_file)]
-        log = open(self.dir / "coordinator.log", "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(
-            [*args, *self.extra_args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise TestbedError(f"coordinator exited:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/v1/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise TestbedError(f"coordinator did not answer within {timeout}s")
+        return [*args, *self.extra_args]
 
-    def log_tail(self, chars: int = 3000) -> str:
-        with contextlib.suppress(FileNotFoundError):
-            return (self.dir / "coordinator.log").read_text(errors="replace")[-chars:]
-        return ""
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.proc = None
+    def start(self, timeout: float = 30.0) -> CoordinatorProcess:
+        self.launch(timeout)
+        return self
