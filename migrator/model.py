@@ -84,25 +84,42 @@ class Endpoint:
     volume: str
 
 
+COMPOSE_LABEL = "com.docker.compose.project"
+
+
 @dataclass(frozen=True)
 class MigrationRequest:
     source: Endpoint
+    """For several volumes, `volume` is the first listed one, or `compose:<project>`: the key
+    that guards against a second active migration of the same set."""
     target: Endpoint
     options: Options = Options()
     target_driver: str | None = None
     target_driver_opts: dict[str, str] | None = None
+    source_volumes: tuple[str, ...] | None = None
+    """Several volumes in one quiesce window (`source.volumes`); names are kept."""
+    compose_project: str | None = None
+    """Every volume labelled com.docker.compose.project=<this> (`source.compose_project`)."""
+
+    @property
+    def several(self) -> bool:
+        return self.source_volumes is not None or self.compose_project is not None
 
     def to_json(self) -> dict[str, Any]:
-        target: dict[str, Any] = {"agent": self.target.agent, "volume": self.target.volume}
+        source: dict[str, Any] = {"agent": self.source.agent}
+        target: dict[str, Any] = {"agent": self.target.agent}
+        if self.source_volumes is not None:
+            source["volumes"] = list(self.source_volumes)
+        elif self.compose_project is not None:
+            source["compose_project"] = self.compose_project
+        else:
+            source["volume"] = self.source.volume
+            target["volume"] = self.target.volume
         if self.target_driver is not None:
             target["driver"] = self.target_driver
         if self.target_driver_opts is not None:
             target["driver_opts"] = self.target_driver_opts
-        return {
-            "source": {"agent": self.source.agent, "volume": self.source.volume},
-            "target": target,
-            "options": asdict(self.options),
-        }
+        return {"source": source, "target": target, "options": asdict(self.options)}
 
     def fingerprint(self) -> str:
         """Identity of the request for idempotency: equal bodies (after defaults) are equal."""
@@ -174,17 +191,41 @@ def parse_request(body: Any) -> MigrationRequest:
     doc = _object(body, "request body", {"source", "target", "options"})
     if "source" not in doc or "target" not in doc:
         raise InvalidRequest("source and target are required")
-    src = _object(doc["source"], "source", {"agent", "volume"})
+    src = _object(doc["source"], "source", {"agent", "volume", "volumes", "compose_project"})
     dst = _object(doc["target"], "target", {"agent", "volume", "driver", "driver_opts"})
-    source = Endpoint(
-        agent=_string(src.get("agent"), "source.agent", AGENT_NAME_RE),
-        volume=_string(src.get("volume"), "source.volume", VOLUME_NAME_RE),
-    )
-    target_volume = dst.get("volume", source.volume)
-    target = Endpoint(
-        agent=_string(dst.get("agent"), "target.agent", AGENT_NAME_RE),
-        volume=_string(target_volume, "target.volume", VOLUME_NAME_RE),
-    )
+    given = [k for k in ("volume", "volumes", "compose_project") if k in src]
+    if len(given) != 1:
+        raise InvalidRequest("source needs exactly one of volume, volumes, compose_project")
+    source_agent = _string(src.get("agent"), "source.agent", AGENT_NAME_RE)
+    target_agent = _string(dst.get("agent"), "target.agent", AGENT_NAME_RE)
+    volumes: tuple[str, ...] | None = None
+    project: str | None = None
+    if given[0] == "volume":
+        source = Endpoint(source_agent, _string(src["volume"], "source.volume", VOLUME_NAME_RE))
+        target = Endpoint(
+            target_agent,
+            _string(dst.get("volume", source.volume), "target.volume", VOLUME_NAME_RE),
+        )
+    else:
+        if "volume" in dst:
+            raise InvalidRequest(
+                "target.volume is not allowed with several source volumes: names are kept"
+            )
+        if given[0] == "volumes":
+            listed = src["volumes"]
+            if not isinstance(listed, list) or not listed:
+                raise InvalidRequest("source.volumes must be a non-empty list of volume names")
+            volumes = tuple(
+                _string(v, f"source.volumes[{i}]", VOLUME_NAME_RE) for i, v in enumerate(listed)
+            )
+            if len(set(volumes)) != len(volumes):
+                raise InvalidRequest("source.volumes lists a volume twice")
+            key = volumes[0]
+        else:
+            project = _string(src["compose_project"], "source.compose_project", AGENT_NAME_RE)
+            key = f"compose:{project}"
+        source = Endpoint(source_agent, key)
+        target = Endpoint(target_agent, key)
     driver = dst.get("driver")
     if driver is not None:
         driver = _string(driver, "target.driver")
@@ -199,6 +240,8 @@ def parse_request(body: Any) -> MigrationRequest:
         options=parse_options(doc.get("options")),
         target_driver=driver,
         target_driver_opts=driver_opts,
+        source_volumes=volumes,
+        compose_project=project,
     )
 
 

@@ -175,8 +175,27 @@ def _request_schemas() -> dict[str, Schema]:
         "Source": {
             "type": "object",
             "additionalProperties": False,
-            "required": ["agent", "volume"],
-            "properties": {"agent": ref("AgentName"), "volume": ref("VolumeName")},
+            "required": ["agent"],
+            "description": "Exactly one of `volume`, `volumes` (several volumes in one quiesce "
+            "window, names kept) or `compose_project` (every volume labelled "
+            "`com.docker.compose.project=<name>`). With several volumes, `target.volume` is not "
+            "allowed and `result.volumes` holds one result per volume.",
+            "properties": {
+                "agent": ref("AgentName"),
+                "volume": ref("VolumeName"),
+                "volumes": {
+                    "type": "array",
+                    "items": ref("VolumeName"),
+                    "minItems": 1,
+                    "uniqueItems": True,
+                },
+                "compose_project": ref("AgentName"),
+            },
+            "oneOf": [
+                {"required": ["volume"]},
+                {"required": ["volumes"]},
+                {"required": ["compose_project"]},
+            ],
         },
         "Target": {
             "type": "object",
@@ -281,6 +300,21 @@ def _migration_schemas() -> dict[str, Schema]:
             "description": "Complete once a migration succeeded; a failed or cancelled one may "
             "carry a partial result (at least `target_complete: false`).",
             "properties": {
+                "volumes": {
+                    "type": "array",
+                    "description": "With several source volumes: one result per volume.",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "volume": ref("VolumeName"),
+                            "bytes": {"type": "integer", "minimum": 0},
+                            "files": {"type": "integer", "minimum": 0},
+                            "digest": {"type": ["string", "null"]},
+                            "verified": {"type": "boolean"},
+                            "mismatches": {"type": "array", "items": {"type": "string"}},
+                        },
+                    },
+                },
                 "bytes": {"type": "integer", "minimum": 0},
                 "files": {"type": "integer", "minimum": 0},
                 "digest": {

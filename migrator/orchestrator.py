@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +33,7 @@ from migrator.errors import (
     TargetBusy,
 )
 from migrator.model import TERMINAL, Migration, Phase, State, now
+from migrator.plan import source_volumes
 from migrator.settings import CoordinatorSettings
 from migrator.store import AgentRecord, Store, TargetTaken
 
@@ -309,11 +312,12 @@ class Orchestrator:
         if not ids or m.checkpoint.get("restarted"):
             return
         _, source = await self.agent(m.request.source.agent)
+        volume = self._pairs(m)[0][0]  # the route needs a volume; the ids are what count
         try:
             answer = await self._retrying(
                 m,
                 "restarting the source's containers",
-                lambda: source.unquiesce(m.request.source.volume, list(ids)),
+                lambda: source.unquiesce(volume, list(ids)),
             )
         except (MigrationFailed, AgentRefused) as e:
             await self.log(m, "error", f"could not restart containers {ids}: {e}")
@@ -323,6 +327,19 @@ class Orchestrator:
         await self.save(m, state_event=False)
         await self.log(m, "info", f"restarted source containers: {answer.get('started')}")
 
+    def _pairs(self, m: Migration) -> list[tuple[str, str]]:
+        """(source volume, target volume) of every volume this migration moves."""
+        pairs = m.checkpoint.get("volumes")
+        if pairs is None:
+            return [(m.request.source.volume, m.request.target.volume)]
+        return [(str(a), str(b)) for a, b in pairs]
+
+    def _pull_id(self, m: Migration, index: int, suffix: str | None) -> str:
+        """Stable pull ids: the migration's id for a plain migration, with the pass and the
+        volume's position added where there are several."""
+        base = f"{m.id}-v{index}" if m.request.several else m.id
+        return base if suffix is None else f"{base}-{suffix}"
+
     async def _migrate(self, m: Migration) -> dict[str, Any]:
         req = m.request
         source_rec, source = await self.agent(req.source.agent)
@@ -331,18 +348,22 @@ class Orchestrator:
             m.enter(Phase.PREPARING)
             await self.save(m)
             await self._prepare(m, source, target)
+        pairs = self._pairs(m)
         quiesce = req.options.quiesce == "stop" and bool(m.checkpoint.get("running"))
         passes: list[dict[str, Any]] = []
-        previous: str | None = None
+        previous: list[str] | None = None
         if quiesce and req.options.precopy:
             previous = await self._precopy(m, source_rec, target, passes)
         if quiesce:
             await self._quiesce(m, source)
-        final_id = f"{m.id}-final" if previous is not None else m.id
         m.enter(Phase.TRANSFERRING)
         await self.save(m)
-        pull = await self._pass(m, source_rec, target, final_id, continues=previous)
-        passes.append(_pass_summary(pull))
+        finals = [
+            self._pull_id(m, i, "final" if previous is not None else None)
+            for i in range(len(pairs))
+        ]
+        pulls = await self._run_pass(m, source_rec, target, finals, previous)
+        passes.append(_merge_summaries(pulls))
         downtime = 0.0
         if quiesce:
             # The source has been read: its containers need not wait for verification.
@@ -351,8 +372,8 @@ class Orchestrator:
             end = m.checkpoint.get("restarted_at") or time.time()
             downtime = round(end - m.checkpoint["stopped_at"], 3)
         result: dict[str, Any] = {
-            "bytes": m.checkpoint.get("source_bytes", pull["progress"]["bytes_total"]),
-            "files": m.checkpoint.get("source_files", pull["progress"]["files_total"]),
+            "bytes": m.checkpoint.get("source_bytes", 0),
+            "files": m.checkpoint.get("source_files", 0),
             "digest": None,
             "verified": False,
             "downtime_s": downtime,
@@ -362,52 +383,124 @@ class Orchestrator:
             "mismatches": [],
             "warnings": list(m.checkpoint.get("warnings", [])),
         }
+        per_volume = [
+            {
+                "volume": dst,
+                "bytes": t["bytes"],
+                "files": t["files"],
+                "digest": None,
+                "verified": False,
+                "mismatches": [],
+            }
+            for (_, dst), t in zip(pairs, m.checkpoint.get("volume_totals", []), strict=False)
+        ]
+        if req.several:
+            result["volumes"] = per_volume
         m.result = result
         if req.options.verify == "checksum":
             m.enter(Phase.VERIFYING)
             await self.save(m)
-            verification = await self._retrying(
-                m, "verifying the target", lambda: target.verify_pull(final_id)
-            )
-            result["digest"] = verification["digest"]
-            result["mismatches"] = verification["mismatches"]
-            if not verification["verified"]:
-                raise MigrationFailed(
-                    "verification_failed",
-                    f"{verification['mismatch_count']} path(s) differ from what the source read",
-                )
-            result["verified"] = True
+            await self._verify(m, target, finals, per_volume, result)
         m.enter(Phase.FINALIZING)
         await self.save(m)
         if req.options.delete_source:
             if result["verified"]:
-                await self._delete_source(m, source, result)
+                for src, _ in pairs:
+                    await self._delete_source(m, source, src, result)
             else:
                 result["warnings"].append("source kept: delete_source needs verify: checksum")
         return result
 
+    async def _verify(
+        self,
+        m: Migration,
+        target: AgentClient,
+        finals: list[str],
+        per_volume: list[dict[str, Any]],
+        result: dict[str, Any],
+    ) -> None:
+        """The target re-reads each volume and compares it with what the source read."""
+        failed = 0
+        digests = []
+        for pull_id, volume in zip(finals, per_volume, strict=True):
+            verification = await self._retrying(
+                m, f"verifying {volume['volume']}", functools.partial(target.verify_pull, pull_id)
+            )
+            volume.update(
+                digest=verification["digest"],
+                verified=verification["verified"],
+                mismatches=verification["mismatches"],
+            )
+            digests.append(f"{volume['volume']} {verification['digest']}")
+            failed += int(verification["mismatch_count"])
+            result["mismatches"].extend(
+                f"{volume['volume']}:{p}" if m.request.several else p
+                for p in verification["mismatches"]
+            )
+        del result["mismatches"][100:]
+        result["digest"] = (
+            per_volume[0]["digest"]
+            if not m.request.several
+            else "sha256:" + hashlib.sha256("\n".join(digests).encode()).hexdigest()
+        )
+        if failed:
+            raise MigrationFailed(
+                "verification_failed", f"{failed} path(s) differ from what the source read"
+            )
+        result["verified"] = True
+
+    async def _resolve_volumes(self, m: Migration, source: AgentClient) -> list[tuple[str, str]]:
+        req = m.request
+        pairs = await self._retrying(
+            m, "listing the source's volumes", functools.partial(source_volumes, req, source)
+        )
+        if not pairs:
+            raise MigrationFailed(
+                "source_volume_not_found",
+                f"no volume on {req.source.agent} belongs to compose project "
+                f"{req.compose_project!r}",
+            )
+        if req.compose_project is not None:
+            names = ", ".join(src for src, _ in pairs)
+            await self.log(m, "info", f"compose project {req.compose_project}: {names}")
+        return pairs
+
     async def _prepare(self, m: Migration, source: AgentClient, target: AgentClient) -> None:
         req = m.request
-        try:
-            info = await self._retrying(
-                m, "inspecting the source volume", lambda: source.inspect_volume(req.source.volume)
+        pairs = await self._resolve_volumes(m, source)
+        running: list[str] = []
+        totals_list: list[dict[str, Any]] = []
+        need = 0
+        missing_targets = 0
+        for src, dst in pairs:
+            info = await self._inspect(m, source, src)
+            running += [
+                c["name"]
+                for c in info.get("in_use_by", [])
+                if c.get("running") and c["name"] not in running
+            ]
+            exists = await self._target_exists(m, target, dst)
+            if (
+                exists
+                and req.options.if_target_exists == "fail"
+                and not m.checkpoint.get("created")
+            ):
+                raise MigrationFailed(
+                    "target_exists",
+                    f"volume {dst!r} already exists on {req.target.agent} "
+                    "(use if_target_exists: sync to make it identical)",
+                )
+            totals = await self._retrying(
+                m, f"measuring {src}", functools.partial(source.volume_totals, src)
             )
-        except MigrationFailed:
-            raise
-        except AgentRefused as e:
-            code = "source_volume_not_found" if e.code == "volume_not_found" else e.code
-            raise MigrationFailed(code, e.detail) from e
-        if not info.get("readable", False):
-            raise MigrationFailed(
-                "volume_not_readable",
-                f"source volume {req.source.volume!r}: {info.get('unreadable_reason')}",
-            )
-        running = [c["name"] for c in info.get("in_use_by", []) if c.get("running")]
+            totals_list.append({"bytes": totals["bytes"], "files": totals["files"]})
+            if not exists:
+                need += int(totals["data_bytes"])
+                missing_targets += 1
         if running and req.options.quiesce == "none":
             if not req.options.allow_in_use:
                 raise MigrationFailed(
-                    "volume_in_use",
-                    f"running containers use {req.source.volume!r}: {', '.join(running)}",
+                    "volume_in_use", f"running containers use the source: {', '.join(running)}"
                 )
             m.checkpoint["consistency"] = "crash_consistent"
             m.checkpoint.setdefault("warnings", []).append(
@@ -416,36 +509,44 @@ class Orchestrator:
         else:
             m.checkpoint["consistency"] = "quiesced" if running else "idle"
         m.checkpoint["running"] = running
+        m.checkpoint["volumes"] = [list(p) for p in pairs]
+        m.checkpoint["volume_totals"] = totals_list
+        m.checkpoint["source_bytes"] = sum(t["bytes"] for t in totals_list)
+        m.checkpoint["source_files"] = sum(t["files"] for t in totals_list)
+        m.progress.bytes_total = m.checkpoint["source_bytes"]
+        m.progress.files_total = m.checkpoint["source_files"]
+        health = await self._retrying(m, "checking the target", target.health)
+        free = health.get("volumes_free_bytes")
+        if free is not None and missing_targets and free < need * SPACE_MARGIN:
+            raise MigrationFailed(
+                "target_no_space", f"the target has {free} bytes free, the source holds {need}"
+            )
+        await self.save(m, state_event=False)
+
+    async def _inspect(self, m: Migration, source: AgentClient, volume: str) -> dict[str, Any]:
+        try:
+            info: dict[str, Any] = await self._retrying(
+                m, f"inspecting {volume}", lambda: source.inspect_volume(volume)
+            )
+        except AgentRefused as e:
+            code = "source_volume_not_found" if e.code == "volume_not_found" else e.code
+            raise MigrationFailed(code, e.detail) from e
+        if not info.get("readable", False):
+            raise MigrationFailed(
+                "volume_not_readable", f"source volume {volume!r}: {info.get('unreadable_reason')}"
+            )
+        return info
+
+    async def _target_exists(self, m: Migration, target: AgentClient, volume: str) -> bool:
         try:
             await self._retrying(
-                m, "inspecting the target", lambda: target.inspect_volume(req.target.volume)
+                m, f"inspecting the target {volume}", lambda: target.inspect_volume(volume)
             )
-            exists = True
         except AgentRefused as e:
             if e.code != "volume_not_found":
                 raise MigrationFailed(e.code, e.detail) from e
-            exists = False
-        if exists and req.options.if_target_exists == "fail" and not m.checkpoint.get("created"):
-            raise MigrationFailed(
-                "target_exists",
-                f"volume {req.target.volume!r} already exists on {req.target.agent} "
-                "(use if_target_exists: sync to make it identical)",
-            )
-        totals = await self._retrying(
-            m, "measuring the source", lambda: source.volume_totals(req.source.volume)
-        )
-        m.checkpoint["source_bytes"] = totals["bytes"]
-        m.checkpoint["source_files"] = totals["files"]
-        m.progress.bytes_total = int(totals["bytes"])
-        m.progress.files_total = int(totals["files"])
-        health = await self._retrying(m, "checking the target", target.health)
-        free = health.get("volumes_free_bytes")
-        if free is not None and not exists and free < totals["data_bytes"] * SPACE_MARGIN:
-            raise MigrationFailed(
-                "target_no_space",
-                f"the target has {free} bytes free, the source holds {totals['data_bytes']}",
-            )
-        await self.save(m, state_event=False)
+            return False
+        return True
 
     async def _precopy(
         self,
@@ -453,20 +554,20 @@ class Orchestrator:
         source_rec: AgentRecord,
         target: AgentClient,
         passes: list[dict[str, Any]],
-    ) -> str:
+    ) -> list[str]:
         """Copy while the containers run, pass after pass while each shrinks the delta: stop
         when a pass sends less than 64 MiB or 5% of the one before, at most 5 passes."""
         m.enter(Phase.PRECOPY)
         await self.save(m)
-        previous: str | None = None
+        count = len(self._pairs(m))
+        previous: list[str] | None = None
         sent_before: int | None = None
         for n in range(1, PRECOPY_MAX_PASSES + 1):
-            pull_id = f"{m.id}-p{n}"
-            pull = await self._pass(m, source_rec, target, pull_id, continues=previous)
-            summary = _pass_summary(pull)
+            ids = [self._pull_id(m, i, f"p{n}") for i in range(count)]
+            summary = _merge_summaries(await self._run_pass(m, source_rec, target, ids, previous))
             passes.append(summary)
-            previous = pull_id
-            sent = int(summary["bytes"] or 0)
+            previous = ids
+            sent = int(summary["bytes"])
             await self.log(m, "info", f"pre-copy pass {n} sent {sent} bytes")
             if sent < PRECOPY_SMALL_BYTES or (
                 sent_before is not None and sent < sent_before * PRECOPY_SHRINK
@@ -476,40 +577,66 @@ class Orchestrator:
         assert previous is not None
         return previous
 
+    async def _run_pass(
+        self,
+        m: Migration,
+        source_rec: AgentRecord,
+        target: AgentClient,
+        pull_ids: list[str],
+        previous: list[str] | None,
+    ) -> list[dict[str, Any]]:
+        """One pass over every volume, one after the other (a 2-core host gains nothing from
+        pulling several at once, and progress stays readable)."""
+        pulls = []
+        for i, ((src, dst), pull_id) in enumerate(zip(self._pairs(m), pull_ids, strict=True)):
+            continues = None if previous is None else previous[i]
+            pulls.append(
+                await self._pass(m, source_rec, target, src, dst, pull_id, continues=continues)
+            )
+        return pulls
+
     async def _quiesce(self, m: Migration, source: AgentClient) -> None:
-        """Stop the source's running containers, recording durably which ones, first the
-        ones about to be stopped, then those the agent did stop."""
+        """Stop the source's running containers, recording durably which ones: first those
+        about to be stopped, then those the agent did stop."""
         if "stopped_ids" in m.checkpoint:
             return  # a resumed run: they are stopped already
-        req = m.request
         m.enter(Phase.QUIESCING)
-        info = await self._retrying(
-            m, "listing the source's containers", lambda: source.inspect_volume(req.source.volume)
-        )
-        m.checkpoint["stopping_ids"] = [c["id"] for c in info["in_use_by"] if c["running"]]
-        await self.save(m)
+        pairs = self._pairs(m)
+        stopping: list[str] = []
+        for src, _ in pairs:
+            info = await self._inspect(m, source, src)
+            stopping += [
+                c["id"] for c in info["in_use_by"] if c["running"] and c["id"] not in stopping
+            ]
+        m.checkpoint["stopping_ids"] = stopping
         m.checkpoint["stopped_at"] = time.time()
-        try:
-            stopped = await self._retrying(
-                m,
-                "stopping the source's containers",
-                lambda: source.quiesce(req.source.volume, req.options.stop_timeout_s),
-            )
-        except AgentRefused as e:
-            raise MigrationFailed(e.code, f"stopping containers: {e.detail}") from e
+        await self.save(m)
+        stopped: list[dict[str, str]] = []
+        for src, _ in pairs:
+            try:
+                stopped += await self._retrying(
+                    m,
+                    f"stopping the containers of {src}",
+                    functools.partial(source.quiesce, src, m.request.options.stop_timeout_s),
+                )
+            except AgentRefused as e:
+                raise MigrationFailed(e.code, f"stopping containers: {e.detail}") from e
         m.checkpoint["stopped_ids"] = [c["id"] for c in stopped]
         await self.save(m, state_event=False)
         await self.log(m, "info", f"stopped {', '.join(c['name'] for c in stopped) or 'nothing'}")
 
     def _pull_body(
-        self, m: Migration, source_rec: AgentRecord, pull_id: str, continues: str | None
+        self,
+        m: Migration,
+        source_rec: AgentRecord,
+        volumes: tuple[str, str],
+        pull_id: str,
+        continues: str | None,
     ) -> dict[str, Any]:
         req = m.request
+        src, dst = volumes
         token = mint_transfer_token(
-            source_rec.token,
-            volume=req.source.volume,
-            transfer_id=m.id,
-            expires_at=default_expiry(),
+            source_rec.token, volume=src, transfer_id=m.id, expires_at=default_expiry()
         )
         options: dict[str, Any] = {
             "compression": req.options.compression,
@@ -527,12 +654,8 @@ class Orchestrator:
             options["driver_opts"] = req.target_driver_opts
         return {
             "id": pull_id,
-            "volume": req.target.volume,
-            "source": {
-                "url": source_rec.data_url or source_rec.url,
-                "volume": req.source.volume,
-                "token": token,
-            },
+            "volume": dst,
+            "source": {"url": source_rec.data_url or source_rec.url, "volume": src, "token": token},
             "options": options,
         }
 
@@ -541,6 +664,8 @@ class Orchestrator:
         m: Migration,
         source_rec: AgentRecord,
         target: AgentClient,
+        src: str,
+        dst: str,
         pull_id: str,
         *,
         continues: str | None,
@@ -548,19 +673,21 @@ class Orchestrator:
         """One pull into the target, followed to its end. Keyed by `pull_id`, so a resumed
         run finds the pull the target already has (running, or done) instead of a new one."""
         req = m.request
-        body = self._pull_body(m, source_rec, pull_id, continues)
+        body = self._pull_body(m, source_rec, (src, dst), pull_id, continues)
         started = time.monotonic()
         try:
             await self._retrying(m, "starting the pull", lambda: target.create_pull(body))
         except AgentRefused as e:
             raise MigrationFailed(e.code, e.detail) from e
-        if m.checkpoint.get("current_pull") != pull_id:
+        if pull_id not in m.checkpoint.setdefault("pulls", []):
+            m.checkpoint["pulls"].append(pull_id)
             m.checkpoint["current_pull"] = pull_id
-            m.checkpoint.setdefault("pulls", []).append(pull_id)
             m.checkpoint["transfer_started"] = True
             await self.save(m, state_event=False)
             await self.log(
-                m, "info", f"pass {pull_id}: {req.target.agent} pulls from {req.source.agent}"
+                m,
+                "info",
+                f"pass {pull_id}: {req.target.agent}:{dst} pulls from {req.source.agent}:{src}",
             )
         while True:
             try:
@@ -602,15 +729,24 @@ class Orchestrator:
             m.checkpoint["window_start_ns"] = pull["pass_started_ns"]
 
     async def _delete_source(
-        self, m: Migration, source: AgentClient, result: dict[str, Any]
+        self, m: Migration, source: AgentClient, name: str, result: dict[str, Any]
     ) -> None:
-        name = m.request.source.volume
         try:
             await self._retrying(m, "deleting the source", lambda: source.delete_volume(name))
         except AgentRefused as e:
             result["warnings"].append(f"source volume {name!r} was kept: {e.detail}")
             return
         await self.log(m, "info", f"source volume {name!r} deleted after verification")
+
+
+def _merge_summaries(pulls: list[dict[str, Any]]) -> dict[str, Any]:
+    """One pass over several volumes, as one entry of `result.passes`."""
+    summaries = [_pass_summary(p) for p in pulls]
+    return {
+        "bytes": sum(s["bytes"] for s in summaries),
+        "files": sum(s["files"] for s in summaries),
+        "duration_s": round(sum(s["duration_s"] or 0 for s in summaries), 3),
+    }
 
 
 def _pass_summary(pull: dict[str, Any]) -> dict[str, Any]:

@@ -4,14 +4,13 @@ coordinator's errors and never build error responses themselves."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from typing import Any
 
 from aiohttp import web
 
-from migrator import __version__
-from migrator.agent_client import AgentClient, AgentRefused, AgentUnreachable, probe
+from migrator import __version__, plan
+from migrator.agent_client import AgentClient, AgentUnreachable, probe
 from migrator.errors import (
     AgentNotFound,
     AgentUnavailable,
@@ -197,17 +196,6 @@ async def agent_volumes(request: web.Request) -> web.Response:
 # -- migrations ------------------------------------------------------------------------------
 
 
-async def _inspect_source(request: web.Request, req: MigrationRequest) -> dict[str, Any] | None:
-    """The source volume as its agent sees it, or None when the agent cannot say right now
-    (the runner will retry and fail with a clear code if it stays so)."""
-    rec = await _known_agent_for_body(request, req.source.agent)
-    client = AgentClient(_orchestrator(request).session, rec.url, rec.token)
-    try:
-        return await client.inspect_volume(req.source.volume)
-    except (AgentUnreachable, AgentRefused):
-        return None
-
-
 async def _known_agent_for_body(request: web.Request, name: str) -> AgentRecord:
     rec = await asyncio.to_thread(_store(request).get_agent, name)
     if rec is None:
@@ -221,16 +209,17 @@ async def create_migration(request: web.Request) -> web.Response:
     await _known_agent_for_body(request, req.source.agent)
     await _known_agent_for_body(request, req.target.agent)
     if request.query.get("dry_run", "false").lower() in ("1", "true"):
-        return web.json_response({"plan": await _plan(request, req)})
+        source, target = await _clients(request, req)
+        return web.json_response({"plan": await plan.plan(req, source, target)})
     key = request.headers.get("Idempotency-Key")
     fingerprint = req.fingerprint()
     if key:
         existing = await _idempotent(store, key, fingerprint)
         if existing is not None:
             return _migration_response(existing, status=200)
-    source = await _inspect_source(request, req)
-    running = [c["name"] for c in (source or {}).get("in_use_by", []) if c.get("running")]
-    if running and req.options.quiesce == "none" and not req.options.allow_in_use:
+    source, _ = await _clients(request, req)
+    running = await plan.running_users(req, source) if req.options.quiesce == "none" else []
+    if running and not req.options.allow_in_use:
         raise VolumeInUse(
             f"running containers use {req.source.volume!r}: {', '.join(running)} "
             "(stop them, use quiesce: stop, or allow_in_use: true)",
@@ -283,65 +272,14 @@ def _migration_response(m: Migration, *, status: int) -> web.Response:
     )
 
 
-async def _plan(request: web.Request, req: MigrationRequest) -> dict[str, Any]:
-    """What a migration would do, without doing anything."""
-    source_rec = await _known_agent_for_body(request, req.source.agent)
-    target_rec = await _known_agent_for_body(request, req.target.agent)
+async def _clients(request: web.Request, req: MigrationRequest) -> tuple[AgentClient, AgentClient]:
     session = _orchestrator(request).session
-    source = AgentClient(session, source_rec.url, source_rec.token)
-    target = AgentClient(session, target_rec.url, target_rec.token)
-    problems: list[str] = []
-    plan: dict[str, Any] = {"source": req.to_json()["source"], "target": req.to_json()["target"]}
-    try:
-        info = await source.inspect_volume(req.source.volume)
-        totals = await source.volume_totals(req.source.volume) if info["readable"] else None
-    except AgentRefused as e:
-        info, totals = None, None
-        problems.append("source_volume_not_found" if e.code == "volume_not_found" else e.code)
-    except AgentUnreachable:
-        info, totals = None, None
-        problems.append("agent_unreachable")
-    running = [c["name"] for c in (info or {}).get("in_use_by", []) if c.get("running")]
-    if info is not None and not info["readable"]:
-        problems.append("volume_not_readable")
-    if running and req.options.quiesce == "none" and not req.options.allow_in_use:
-        problems.append("volume_in_use")
-    plan["volumes"] = [
-        {
-            "name": req.source.volume,
-            "driver": (info or {}).get("driver"),
-            "options": (info or {}).get("options"),
-            "labels": (info or {}).get("labels"),
-            "bytes": (totals or {}).get("bytes"),
-            "files": (totals or {}).get("files"),
-        }
-    ]
-    plan["bytes"] = (totals or {}).get("bytes")
-    plan["files"] = (totals or {}).get("files")
-    plan["containers_to_stop"] = running if req.options.quiesce == "stop" else []
-    plan["running_containers"] = running
-    target_exists = False
-    free = None
-    try:
-        await target.inspect_volume(req.target.volume)
-        target_exists = True
-    except AgentRefused:
-        pass
-    except AgentUnreachable:
-        problems.append("agent_unreachable")
-    with contextlib.suppress(AgentRefused, AgentUnreachable):
-        free = (await target.health()).get("volumes_free_bytes")
-    plan["target_exists"] = target_exists
-    plan["target_conflicts"] = [f"volume {req.target.volume!r} exists"] if target_exists else []
-    if target_exists and req.options.if_target_exists == "fail":
-        problems.append("target_exists")
-    plan["target_free_bytes"] = free
-    need = (totals or {}).get("data_bytes")
-    plan["free_space_ok"] = None if free is None or need is None else free >= need
-    if plan["free_space_ok"] is False and not target_exists:
-        problems.append("target_no_space")
-    plan["would_fail"] = problems
-    return plan
+    source = await _known_agent_for_body(request, req.source.agent)
+    target = await _known_agent_for_body(request, req.target.agent)
+    return (
+        AgentClient(session, source.url, source.token),
+        AgentClient(session, target.url, target.token),
+    )
 
 
 async def list_migrations(request: web.Request) -> web.Response:

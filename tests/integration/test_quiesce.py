@@ -162,3 +162,55 @@ def test_failure_in_the_final_pass_restarts_the_containers(
         assert time.monotonic() - started < 150
     finally:
         agent_b.start()
+
+
+def test_compose_project_moves_together(
+    coordinator: CoordinatorProcess,
+    api_token: str,
+    docker_a: docker.DockerClient,
+    docker_b: docker.DockerClient,
+) -> None:
+    """A compose project of two volumes (db + uploads) in one call and one quiesce window,
+    names, labels and contents kept, both verified."""
+    project = f"shop{uuid.uuid4().hex[:6]}"
+    names = [f"{project}_db", f"{project}_uploads"]
+    for name in names:
+        labels = {"com.docker.compose.project": project, "com.docker.compose.volume": name}
+        docker_a.api.create_volume(name, labels=labels)
+        root = mountpoint(docker_a, name)
+        (root / "data").write_bytes(secrets.token_bytes(1 << 20))
+    app = run_sleeper(docker_a, names[0], f"{project}-db")
+    api = API(coordinator, api_token)
+    body = {
+        "source": {"agent": "host-a", "compose_project": project},
+        "target": {"agent": "host-b"},
+        "options": {"quiesce": "stop"},
+    }
+    plan = api.request("POST", "/v1/migrations?dry_run=true", json=body).json()["plan"]
+    assert [v["name"] for v in plan["volumes"]] == names
+    assert plan["containers_to_stop"] == [f"{project}-db"]
+    done = api.wait(api.create(body)["id"])
+    assert done["state"] == "succeeded", done
+    assert done["source"] == {"agent": "host-a", "compose_project": project}
+    per_volume = done["result"]["volumes"]
+    assert [v["volume"] for v in per_volume] == names
+    assert all(v["verified"] for v in per_volume)
+    assert done["result"]["consistency"] == "quiesced"
+    assert running(docker_a, app)
+    for name in names:
+        assert docker_b.api.inspect_volume(name)["Labels"]["com.docker.compose.project"] == project
+        assert_same_tree(mountpoint(docker_a, name), mountpoint(docker_b, name))
+
+
+def test_explicit_volume_list_refuses_target_volume(
+    coordinator: CoordinatorProcess, api_token: str
+) -> None:
+    r = API(coordinator, api_token).request(
+        "POST",
+        "/v1/migrations",
+        json={
+            "source": {"agent": "host-a", "volumes": ["aa", "bb"]},
+            "target": {"agent": "host-b", "volume": "cc"},
+        },
+    )
+    assert_problem(r, 400, "invalid_request")
