@@ -56,8 +56,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return problem_response(RequestTooLarge("request body over 1 MiB"))
     except web.HTTPNotFound:
         return problem_response(NotFound(f"no route for {request.path}"))
-    except web.HTTPMethodNotAllowed:
-        return problem_response(MethodNotAllowed(f"{request.method} not allowed on {request.path}"))
+    except web.HTTPMethodNotAllowed as e:
+        allowed = ", ".join(sorted(e.allowed_methods))
+        resp = problem_response(
+            MethodNotAllowed(f"{request.method} not allowed on {request.path} (allowed: {allowed})")
+        )
+        resp.headers["Allow"] = allowed
+        return resp
     except web.HTTPException:
         raise
     except Exception:

@@ -66,6 +66,10 @@ class AgentClient:
                 return doc
         except (aiohttp.ClientError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
             raise AgentUnreachable(f"{method} {path}: {type(e).__name__}: {e}") from e
+        except (ValueError, UnicodeError) as e:
+            # aiohttp refuses some addresses and headers outright (control characters,
+            # credentials in the URL, over-long host labels): that agent cannot be reached.
+            raise AgentUnreachable(f"{method} {path}: unusable agent address: {e}") from e
 
     async def health(self) -> dict[str, Any]:
         doc: dict[str, Any] = await self._call("GET", "/v1/health")
@@ -109,6 +113,10 @@ class AgentClient:
         doc: dict[str, Any] = await self._call("POST", "/v1/pulls", body=body)
         return doc
 
+    async def list_pulls(self) -> list[dict[str, Any]]:
+        doc = await self._call("GET", "/v1/pulls")
+        return list(doc["pulls"])
+
     async def get_pull(self, pull_id: str) -> dict[str, Any]:
         doc: dict[str, Any] = await self._call("GET", f"/v1/pulls/{pull_id}")
         return doc
@@ -133,4 +141,10 @@ async def probe(client: AgentClient) -> tuple[bool, str | None, str | None]:
         return False, None, str(e)
     if health.get("docker_error"):
         return False, None, f"docker: {health['docker_error']}"
+    try:  # health needs no token: ask something that does, to catch a wrong one
+        await asyncio.wait_for(client.list_pulls(), timeout=5)
+    except AgentRefused as e:
+        return False, health.get("docker_version"), f"the agent refused our token: {e.code}"
+    except (AgentUnreachable, TimeoutError) as e:
+        return False, None, str(e)
     return True, health.get("docker_version"), None

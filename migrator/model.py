@@ -21,6 +21,11 @@ from migrator.errors import InvalidRequest, InvalidState
 
 VOLUME_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
 AGENT_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}")
+_HOST = r"(\[::1\]|([A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63})"
+_PORT = r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?"
+AGENT_URL_RE = re.compile(rf"https?://{_HOST}{_PORT}(/[!-~]*)?")
+"""An agent's address: http(s), a host name or address (IPv6: loopback only, for now), a
+port; never credentials (the agent's token travels separately)."""
 
 
 class State(enum.StrEnum):

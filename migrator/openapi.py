@@ -17,6 +17,7 @@ from typing import Any
 from migrator.errors import (
     AgentNotFound,
     AgentUnavailable,
+    Conflict,
     IdempotencyConflict,
     InvalidRequest,
     InvalidState,
@@ -29,7 +30,15 @@ from migrator.errors import (
     UnknownAgent,
     VolumeInUse,
 )
-from migrator.model import AGENT_NAME_RE, ENUMS, VOLUME_NAME_RE, Options, Phase, State
+from migrator.model import (
+    AGENT_NAME_RE,
+    AGENT_URL_RE,
+    ENUMS,
+    VOLUME_NAME_RE,
+    Options,
+    Phase,
+    State,
+)
 
 Schema = dict[str, Any]
 
@@ -250,13 +259,17 @@ def _request_schemas() -> dict[str, Schema]:
             "properties": {
                 "url": {
                     "type": "string",
-                    "pattern": "^https?://",
+                    "pattern": AGENT_URL_PATTERN,
                     "description": "Where the coordinator reaches the agent.",
                 },
-                "token": {"type": "string", "minLength": 1, "description": "The agent's token."},
+                "token": {
+                    "type": "string",
+                    "pattern": "^[!-~]+$",
+                    "description": "The agent's token (visible ASCII, no spaces).",
+                },
                 "data_url": {
                     "type": ["string", "null"],
-                    "pattern": "^https?://",
+                    "pattern": AGENT_URL_PATTERN,
                     "description": "Where other agents reach this one for data; defaults to `url`.",
                 },
             },
@@ -538,6 +551,9 @@ def _parameters() -> dict[str, Schema]:
     }
 
 
+AGENT_URL_PATTERN = f"^{AGENT_URL_RE.pattern}$"
+
+
 def _responses() -> dict[str, Schema]:
     return {
         "InvalidRequest": problem_response(
@@ -547,7 +563,12 @@ def _responses() -> dict[str, Schema]:
         "AgentNotFound": problem_response("No agent with this name.", UnknownAgent),
         "MigrationNotFound": problem_response("No migration with this id.", MigrationNotFound),
         "InvalidState": problem_response(
-            "Not possible in the migration's current state.", InvalidState
+            "Not possible in the migration's current state; for retry, another active "
+            "migration now writes the target (`target_busy`); for discard, the target agent "
+            "refused (`conflict`).",
+            InvalidState,
+            TargetBusy,
+            Conflict,
         ),
         "RequestTooLarge": problem_response("Request body over 1 MiB.", RequestTooLarge),
         "AgentUnreachable": problem_response("The agent did not answer.", AgentUnavailable),
@@ -589,6 +610,7 @@ def _migration_action(operation_id: str, summary: str, description: str) -> Sche
                 {"202": json_body(ref("Migration"), "Accepted; the migration.")},
                 ("404", "MigrationNotFound"),
                 ("409", "InvalidState"),
+                ("503", "AgentUnreachable"),
             ),
             description=description,
             tags=["migrations"],
@@ -692,7 +714,7 @@ def _paths() -> Schema:
                         "name": "Idempotency-Key",
                         "in": "header",
                         "required": False,
-                        "schema": {"type": "string", "minLength": 1},
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
                         "description": "Same key and body: the same migration (200); same key, "
                         "another body: 409 idempotency_conflict.",
                     },
@@ -780,7 +802,15 @@ def _paths() -> Schema:
                             "stream ends after the terminal state.",
                             "content": {
                                 "text/event-stream": {
-                                    "schema": {"type": "string"},
+                                    "schema": {
+                                        "description": "One event of the stream.",
+                                        "type": "object",
+                                        "properties": {
+                                            "id": {"type": "string", "pattern": "^[0-9]+$"},
+                                            "event": {"enum": ["state", "progress", "log"]},
+                                            "data": {"type": "string"},
+                                        },
+                                    },
                                     "example": 'id: 7\nevent: log\ndata: {"time": '
                                     '"2025-01-01T00:00:00Z", "level": "info", "message": '
                                     '"succeeded"}\n\n',
@@ -796,14 +826,14 @@ def _paths() -> Schema:
                         "name": "Last-Event-ID",
                         "in": "header",
                         "required": False,
-                        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
                         "description": "Resume after this event.",
                     },
                     {
                         "name": "last_event_id",
                         "in": "query",
                         "required": False,
-                        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
                         "description": "Same as `Last-Event-ID`, for clients that cannot set "
                         "headers; the header wins.",
                     },

@@ -4,13 +4,15 @@ coordinator's errors and never build error responses themselves."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 from typing import Any
 
 from aiohttp import web
 
 from migrator import __version__, plan
-from migrator.agent_client import AgentClient, AgentUnreachable, probe
+from migrator.agent_client import AgentClient, AgentRefused, AgentUnreachable, probe
 from migrator.errors import (
     AgentNotFound,
     AgentUnavailable,
@@ -23,6 +25,7 @@ from migrator.errors import (
 )
 from migrator.model import (
     AGENT_NAME_RE,
+    AGENT_URL_RE,
     TERMINAL,
     Migration,
     MigrationRequest,
@@ -38,6 +41,8 @@ from migrator.store import AgentRecord, DuplicateKey, Store, TargetTaken
 # Long polls and event streams wake at least this often to notice a client that went away.
 KEEPALIVE_S = 15.0
 MAX_WAIT_S = 300
+TOKEN_RE = re.compile(r"[!-~]+")
+MAX_EVENT_ID_DIGITS = 18  # fits SQLite's 64-bit INTEGER
 
 
 def _store(request: web.Request) -> Store:
@@ -53,6 +58,17 @@ async def read_json(request: web.Request) -> Any:
         return await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"request body is not valid JSON: {e}") from e
+
+
+def _bool_query(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name)
+    if raw is None:
+        return False
+    if raw.lower() in ("true", "1"):
+        return True
+    if raw.lower() in ("false", "0"):
+        return False
+    raise InvalidRequest(f"{name} must be true or false")
 
 
 def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -156,11 +172,22 @@ async def put_agent(request: web.Request) -> web.Response:
     if data_url is not None and not isinstance(data_url, str):
         raise InvalidRequest("data_url must be a string")
     for key, url in (("url", body["url"]), ("data_url", data_url)):
-        if url is not None and not url.startswith(("http://", "https://")):
-            raise InvalidRequest(f"{key} must be an http(s) URL")
+        if url is not None:
+            check_agent_url(key, url)
+    if not TOKEN_RE.fullmatch(body["token"]):
+        raise InvalidRequest("token must be visible ASCII characters, without spaces")
     rec = AgentRecord(name, body["url"].rstrip("/"), body["token"], data_url, "api")
     created = await asyncio.to_thread(_store(request).upsert_agent, rec)
     return web.json_response(await _agent_json(request, rec), status=201 if created else 200)
+
+
+def check_agent_url(key: str, url: str) -> None:
+    """An agent address the HTTP client can use: http(s), a host, no credentials."""
+    if not AGENT_URL_RE.fullmatch(url):
+        raise InvalidRequest(
+            f"{key} must be http(s)://HOST[:PORT][/PATH], without credentials (the agent's "
+            "token is given separately)"
+        )
 
 
 async def delete_agent(request: web.Request) -> web.Response:
@@ -177,6 +204,8 @@ async def agent_volumes(request: web.Request) -> web.Response:
         volumes = await client.list_volumes()
     except AgentUnreachable as e:
         raise AgentUnavailable(f"agent {rec.name!r} is unreachable: {e}") from e
+    except AgentRefused as e:
+        raise AgentUnavailable(f"agent {rec.name!r} refused: {e.code}: {e.detail}") from e
     return web.json_response(
         {
             "volumes": [
@@ -208,10 +237,12 @@ async def create_migration(request: web.Request) -> web.Response:
     store = _store(request)
     await _known_agent_for_body(request, req.source.agent)
     await _known_agent_for_body(request, req.target.agent)
-    if request.query.get("dry_run", "false").lower() in ("1", "true"):
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key) <= 255:
+        raise InvalidRequest("Idempotency-Key must be 1 to 255 characters")
+    if _bool_query(request, "dry_run"):
         source, target = await _clients(request, req)
         return web.json_response({"plan": await plan.plan(req, source, target)})
-    key = request.headers.get("Idempotency-Key")
     fingerprint = req.fingerprint()
     if key:
         existing = await _idempotent(store, key, fingerprint)
@@ -303,15 +334,26 @@ async def migration_events(request: web.Request) -> web.StreamResponse:
     store = _store(request)
     migration_id = request.match_info["id"]
     await orchestrator.get(migration_id)  # 404 before the stream starts
-    last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "0"
-    try:
-        after = int(last)
-    except ValueError as e:
-        raise InvalidRequest("Last-Event-ID must be an event id") from e
+    last = request.headers.get("Last-Event-ID", request.query.get("last_event_id", "0"))
+    if not last.isascii() or not last.isdigit() or len(last) > MAX_EVENT_ID_DIGITS:
+        raise InvalidRequest("Last-Event-ID must be an event id (digits)")
+    after = int(last)
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await resp.prepare(request)
+    with contextlib.suppress(ConnectionError):  # the client went away; nothing to tell it
+        await _pump_events(orchestrator, store, migration_id, after, resp)
+    return resp
+
+
+async def _pump_events(
+    orchestrator: Orchestrator,
+    store: Store,
+    migration_id: str,
+    after: int,
+    resp: web.StreamResponse,
+) -> None:
     while True:
         events = await asyncio.to_thread(store.events_after, migration_id, after)
         ended = False
@@ -331,7 +373,6 @@ async def migration_events(request: web.Request) -> web.StreamResponse:
             if not await asyncio.to_thread(store.events_after, migration_id, after, 1):
                 await resp.write(b": keepalive\n\n")
     await resp.write_eof()
-    return resp
 
 
 async def cancel_migration(request: web.Request) -> web.Response:

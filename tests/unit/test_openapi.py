@@ -46,9 +46,9 @@ OPERATIONS = {
     ("get", "/v1/migrations"): {"200", "400", "401"},
     ("get", "/v1/migrations/{id}"): {"200", "400", "401", "404"},
     ("get", "/v1/migrations/{id}/events"): {"200", "400", "401", "404"},
-    ("post", "/v1/migrations/{id}/cancel"): {"202", "401", "404", "409"},
-    ("post", "/v1/migrations/{id}/retry"): {"202", "401", "404", "409"},
-    ("post", "/v1/migrations/{id}/discard"): {"202", "401", "404", "409"},
+    ("post", "/v1/migrations/{id}/cancel"): {"202", "401", "404", "409", "503"},
+    ("post", "/v1/migrations/{id}/retry"): {"202", "401", "404", "409", "503"},
+    ("post", "/v1/migrations/{id}/discard"): {"202", "401", "404", "409", "503"},
     ("get", "/openapi.json"): {"200"},
     ("get", "/metrics"): {"200", "401"},
 }
