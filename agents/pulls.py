@@ -121,6 +121,10 @@ class PullSpec:
     window_start_ns: int | None = None
     """Source clock at the start of the earliest pass whose copy this pull refreshes: files
     with a later mtime are re-sent even when their metadata matches."""
+    accept_dirty: bool = False
+    """Finish after a pass even if files changed while they were read (a pre-copy pass, or a
+    crash-consistent copy of a volume in use): the next pass, if any, sends them again.
+    Without it the pull runs incremental passes until the source holds still."""
 
     def public(self) -> dict[str, Any]:
         return {
@@ -139,6 +143,7 @@ _OPTION_TYPES: dict[str, Any] = {
     "labels": (dict, type(None)),
     "continues": (str, type(None)),
     "window_start_ns": (int, type(None)),
+    "accept_dirty": bool,
 }
 
 
@@ -168,7 +173,7 @@ def parse_pull_request(body: dict[str, Any]) -> PullSpec:
         kinds = _OPTION_TYPES.get(key)
         if kinds is None:
             raise InvalidRequest(f"unknown option {key!r}")
-        if not isinstance(value, kinds) or isinstance(value, bool):
+        if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool):
             raise InvalidRequest(f"option {key!r} has the wrong type")
     spec = PullSpec(
         id=pull_id,
@@ -564,7 +569,8 @@ class PullManager:
             except SourceChanged:
                 replan = "the source changed between attempts"
                 continue
-            if trailer.get("changed") or trailer.get("dirty_count"):
+            unsettled = trailer.get("changed") or trailer.get("dirty_count")
+            if unsettled and not pull.spec.accept_dirty:
                 replan = "files changed while they were read"
                 continue
             pull.result = {

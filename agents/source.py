@@ -11,19 +11,26 @@ Blocking (file I/O, hashing, compression): run everything here off the event loo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import queue
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from agents import tarstream
 from agents.frames import FrameEncoder, next_chunk_length
 from agents.incremental import select
-from agents.manifest import Entry, Totals, entry_to_json, walk
+from agents.manifest import Entry, Totals, entry_from_json, entry_to_json, walk
 
 STREAM_ID_PREFIX = "m1-"
+STREAM_ID_RE = re.compile(r"m1-[0-9a-f]{32}")
+# Snapshots kept for resumes: a few concurrent transfers' worth; the oldest go first.
+SNAPSHOTS_KEPT = 32
 # A few frames in flight between the producer thread and the socket: enough to keep both busy
 # (hashing runs at ~1.8 GB/s, loopback at ~1.6 GB/s), bounded so memory stays 3 x chunk size.
 QUEUE_FRAMES = 3
@@ -74,6 +81,12 @@ class StreamIdentity:
     stream_id: str
     total_size: int
     totals: Totals
+    snapshot: Path | None = None
+    """The manifest the stream is generated from (NDJSON, one entry per line)."""
+
+    def entries(self) -> Iterator[Entry]:
+        assert self.snapshot is not None
+        return read_snapshot(self.snapshot)
 
 
 def stream_entries(root: str | bytes, selection: list[bytes] | None) -> Iterator[Entry]:
@@ -90,6 +103,69 @@ def identify(root: str | bytes, selection: list[bytes] | None = None) -> StreamI
     return StreamIdentity(hasher.stream_id, hasher.total_size, hasher.totals)
 
 
+class Snapshots:
+    """The manifests streams were generated from, kept on disk by stream id.
+
+    A live volume changes between any two walks. The stream's layout (every header, every
+    size) therefore comes from one walk, written here as it is taken: the stream is generated
+    from the snapshot, so the hello's total size is exact and a resume at any offset meets the
+    same bytes, whatever changed since. A file that differs from its snapshot entry when read
+    is padded or cut to the recorded size and reported dirty (the next pass sends it again).
+    A cache, not transfer state: a lost snapshot only means a resume compares the current
+    manifest with the stream id, as without one. Memory stays flat: entries go to and come
+    from disk one line at a time.
+    """
+
+    def __init__(self, directory: Path, *, keep: int = SNAPSHOTS_KEPT) -> None:
+        self.directory = directory
+        self.keep = keep
+
+    def path(self, stream_id: str) -> Path:
+        return self.directory / f"{stream_id}.ndjson"
+
+    def take(self, root: str | bytes, selection: list[bytes] | None) -> StreamIdentity:
+        """Walk the volume, write its manifest, name the stream. Blocking."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        hasher = StreamHasher(selection)
+        tmp = self.directory / f".walk-{os.getpid()}-{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as f:
+            for entry in stream_entries(root, selection):
+                hasher.add(entry)
+                f.write(json.dumps(entry_to_json(entry), separators=(",", ":")).encode())
+                f.write(b"\n")
+        final = self.path(hasher.stream_id)
+        os.replace(tmp, final)
+        self._prune()
+        return StreamIdentity(hasher.stream_id, hasher.total_size, hasher.totals, final)
+
+    def find(self, stream_id: str) -> StreamIdentity | None:
+        """The stream a resume names, from its snapshot, or None if it is not kept."""
+        if not STREAM_ID_RE.fullmatch(stream_id):
+            return None
+        path = self.path(stream_id)
+        try:
+            os.utime(path)  # recently used: kept longest
+        except FileNotFoundError:
+            return None
+        hasher = StreamHasher()
+        for entry in read_snapshot(path):
+            hasher.size += tarstream.entry_span(entry)
+            hasher.totals.add(entry)
+        return StreamIdentity(stream_id, hasher.total_size, hasher.totals, path)
+
+    def _prune(self) -> None:
+        kept = sorted(self.directory.glob("*.ndjson"), key=lambda p: p.stat().st_mtime)
+        for old in kept[: max(0, len(kept) - self.keep)]:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+
+
+def read_snapshot(path: Path) -> Iterator[Entry]:
+    with open(path, "rb") as f:
+        for line in f:
+            yield entry_from_json(json.loads(line))
+
+
 @dataclass
 class ProducerResult:
     """What the producer knows once the last data frame is out."""
@@ -99,7 +175,8 @@ class ProducerResult:
     dirty_count: int = 0
     files: int = 0
     changed: bool = False
-    """The manifest seen while generating differs from the one the stream id names."""
+    """Always false since streams are generated from their snapshot; kept on the wire for
+    targets that read it (files that changed are in `dirty`)."""
 
 
 _DONE = object()
@@ -118,10 +195,8 @@ class FrameProducer:
         identity: StreamIdentity,
         start_offset: int,
         encoder: FrameEncoder,
-        selection: list[bytes] | None = None,
     ) -> None:
         self.root = root
-        self.selection = selection
         self.identity = identity
         self.start_offset = start_offset
         self.encoder = encoder
@@ -176,14 +251,13 @@ class FrameProducer:
             self._put(_DONE)
 
     def _produce(self) -> None:
-        hasher = StreamHasher(self.selection)
         chunk = self.encoder.chunk_size
         offset = self.start_offset
         buf = bytearray()
         want = next_chunk_length(offset, chunk)
         pieces = tarstream.generate(
             self.root,
-            hasher.track(stream_entries(self.root, self.selection)),
+            self.identity.entries(),
             self.start_offset,
             on_entry=self._on_entry,
             progress=self.progress,
@@ -206,10 +280,6 @@ class FrameProducer:
             offset += len(buf)
         self.result.end_offset = offset
         self.result.files = self.progress.files
-        self.result.changed = (
-            hasher.stream_id != self.identity.stream_id
-            or hasher.total_size != self.identity.total_size
-        )
 
     def _emit(self, raw: bytes, offset: int) -> bool:
         if self._stop.is_set():

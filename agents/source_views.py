@@ -29,7 +29,7 @@ from agents.frames import (
     check_chunk_size,
 )
 from agents.incremental import parse_selection
-from agents.source import FrameProducer, identify
+from agents.source import FrameProducer, Snapshots
 from agents.transfer_token import TokenExpired, TokenInvalid, verify_transfer_token
 from agents.views import readable_volume
 
@@ -103,17 +103,22 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         raise InvalidRequest("offset > 0 needs the stream_id it belongs to")
 
     info = await readable_volume(request, name)
-    identity = await asyncio.to_thread(identify, info.mountpoint, selection)
-    if stream_id is not None and stream_id != identity.stream_id:
-        raise StreamChanged(
-            f"volume {name!r} changed since stream {stream_id}",
-            stream_id=identity.stream_id,
-        )
+    snapshots = Snapshots(request.app[SETTINGS].state_dir / "streams" / name)
+    identity = None
+    if stream_id is not None:
+        identity = await asyncio.to_thread(snapshots.find, stream_id)
+    if identity is None:
+        identity = await asyncio.to_thread(snapshots.take, info.mountpoint, selection)
+        if stream_id is not None and stream_id != identity.stream_id:
+            raise StreamChanged(
+                f"volume {name!r} changed since stream {stream_id}",
+                stream_id=identity.stream_id,
+            )
     if offset > identity.total_size:
         raise InvalidRequest(f"offset {offset} is past the stream's end ({identity.total_size})")
 
     encoder = FrameEncoder(chunk_size=chunk_size, compression=compression)
-    producer = FrameProducer(info.mountpoint, identity, offset, encoder, selection)
+    producer = FrameProducer(info.mountpoint, identity, offset, encoder)
     resp = web.StreamResponse(headers={"Content-Type": FRAMES_CONTENT_TYPE})
     # Targets ask with HTTP/1.0, so the body ends with the connection (see agents/pulls.py).
     resp.force_close()

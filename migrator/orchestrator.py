@@ -564,7 +564,9 @@ class Orchestrator:
         sent_before: int | None = None
         for n in range(1, PRECOPY_MAX_PASSES + 1):
             ids = [self._pull_id(m, i, f"p{n}") for i in range(count)]
-            summary = _merge_summaries(await self._run_pass(m, source_rec, target, ids, previous))
+            summary = _merge_summaries(
+                await self._run_pass(m, source_rec, target, ids, previous, precopy=True)
+            )
             passes.append(summary)
             previous = ids
             sent = int(summary["bytes"])
@@ -584,6 +586,8 @@ class Orchestrator:
         target: AgentClient,
         pull_ids: list[str],
         previous: list[str] | None,
+        *,
+        precopy: bool = False,
     ) -> list[dict[str, Any]]:
         """One pass over every volume, one after the other (a 2-core host gains nothing from
         pulling several at once, and progress stays readable)."""
@@ -591,7 +595,9 @@ class Orchestrator:
         for i, ((src, dst), pull_id) in enumerate(zip(self._pairs(m), pull_ids, strict=True)):
             continues = None if previous is None else previous[i]
             pulls.append(
-                await self._pass(m, source_rec, target, src, dst, pull_id, continues=continues)
+                await self._pass(
+                    m, source_rec, target, src, dst, pull_id, continues=continues, precopy=precopy
+                )
             )
         return pulls
 
@@ -632,6 +638,8 @@ class Orchestrator:
         volumes: tuple[str, str],
         pull_id: str,
         continues: str | None,
+        *,
+        precopy: bool,
     ) -> dict[str, Any]:
         req = m.request
         src, dst = volumes
@@ -641,6 +649,10 @@ class Orchestrator:
         options: dict[str, Any] = {
             "compression": req.options.compression,
             "if_target_exists": "sync" if continues else req.options.if_target_exists,
+            # Files changing under a running container are the next pass's business (or,
+            # for a crash-consistent copy, the best there is); a quiesced final pass must
+            # hold still, so it keeps passing until nothing changed.
+            "accept_dirty": self._accept_dirty(m, precopy=precopy),
         }
         if continues is not None:
             options["continues"] = continues
@@ -659,6 +671,14 @@ class Orchestrator:
             "options": options,
         }
 
+    def _accept_dirty(self, m: Migration, *, precopy: bool) -> bool:
+        """Whether a pass may end with files that changed while read: yes while containers
+        still run (a pre-copy pass, or a crash-consistent copy with allow_in_use); no for an
+        idle volume or a quiesced final pass, which must hold still."""
+        return precopy or (
+            bool(m.checkpoint.get("running")) and m.request.options.quiesce != "stop"
+        )
+
     async def _pass(
         self,
         m: Migration,
@@ -669,11 +689,12 @@ class Orchestrator:
         pull_id: str,
         *,
         continues: str | None,
+        precopy: bool,
     ) -> dict[str, Any]:
         """One pull into the target, followed to its end. Keyed by `pull_id`, so a resumed
         run finds the pull the target already has (running, or done) instead of a new one."""
         req = m.request
-        body = self._pull_body(m, source_rec, (src, dst), pull_id, continues)
+        body = self._pull_body(m, source_rec, (src, dst), pull_id, continues, precopy=precopy)
         started = time.monotonic()
         try:
             await self._retrying(m, "starting the pull", lambda: target.create_pull(body))
