@@ -49,6 +49,8 @@ SPACE_MARGIN = 1.05
 PRECOPY_SMALL_BYTES = 64 << 20
 PRECOPY_SHRINK = 0.05
 PRECOPY_MAX_PASSES = 5
+# A pass that sends at least this share of the one before made no headway.
+PRECOPY_NO_GAIN = 0.8
 PULL_ERROR_CODES = {
     "volume_not_found": "source_volume_not_found",
     "http_404": "source_volume_not_found",
@@ -575,6 +577,11 @@ class Orchestrator:
                 sent_before is not None and sent < sent_before * PRECOPY_SHRINK
             ):
                 break
+            if sent_before is not None and sent >= sent_before * PRECOPY_NO_GAIN:
+                # The delta does not shrink (files rewritten faster than we copy them): more
+                # passes only cost time; the final pass takes it from here.
+                await self.log(m, "info", "pre-copy stopped: the delta no longer shrinks")
+                break
             sent_before = sent
         assert previous is not None
         return previous
@@ -591,7 +598,7 @@ class Orchestrator:
     ) -> list[dict[str, Any]]:
         """One pass over every volume, one after the other (a 2-core host gains nothing from
         pulling several at once, and progress stays readable)."""
-        pulls = []
+        pulls: list[dict[str, Any]] = []
         for i, ((src, dst), pull_id) in enumerate(zip(self._pairs(m), pull_ids, strict=True)):
             continues = None if previous is None else previous[i]
             pulls.append(
@@ -599,6 +606,12 @@ class Orchestrator:
                     m, source_rec, target, src, dst, pull_id, continues=continues, precopy=precopy
                 )
             )
+        # The next pass re-sends what changed since this one started: every file modified
+        # later was either re-read by this pass or has a later mtime (by induction, the
+        # earliest pass's window is not needed).
+        starts = [p["pass_started_ns"] for p in pulls if p.get("pass_started_ns")]
+        if starts:
+            m.checkpoint["window_start_ns"] = min(starts)
         return pulls
 
     async def _quiesce(self, m: Migration, source: AgentClient) -> None:
@@ -746,8 +759,6 @@ class Orchestrator:
         )
         if pull.get("created_volume"):
             m.checkpoint["created"] = True
-        if m.checkpoint.get("window_start_ns") is None and pull.get("pass_started_ns"):
-            m.checkpoint["window_start_ns"] = pull["pass_started_ns"]
 
     async def _delete_source(
         self, m: Migration, source: AgentClient, name: str, result: dict[str, Any]
