@@ -723,6 +723,7 @@ class Orchestrator:
                 "info",
                 f"pass {pull_id}: {req.target.agent}:{dst} pulls from {req.source.agent}:{src}",
             )
+        last_seen: object = None
         while True:
             try:
                 pull = await self._retrying(
@@ -733,8 +734,11 @@ class Orchestrator:
                     await self._retrying(m, "restarting the pull", lambda: target.create_pull(body))
                     continue
                 raise MigrationFailed(e.code, e.detail) from e
-            self._follow(m, pull)
-            await self._progress(m)
+            seen = (pull["state"], pull["progress"], pull.get("created_volume"))
+            if seen != last_seen:  # an unchanged poll writes nothing
+                last_seen = seen
+                self._follow(m, pull)
+                await self._progress(m)
             if pull["state"] == "succeeded":
                 pull["duration_s"] = round(time.monotonic() - started, 3)
                 return pull

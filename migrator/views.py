@@ -354,6 +354,7 @@ async def _pump_events(
     after: int,
     resp: web.StreamResponse,
 ) -> None:
+    drained = False
     while True:
         events = await asyncio.to_thread(store.events_after, migration_id, after)
         ended = False
@@ -368,7 +369,12 @@ async def _pump_events(
         if not events:
             m = await orchestrator.get(migration_id)
             if m.state in TERMINAL:
-                break
+                # The row is saved a moment before its state event is appended: read the
+                # events once more before ending, so the terminal one is never cut off.
+                if drained:
+                    break
+                drained = True
+                continue
             await orchestrator.wait_event(seconds=KEEPALIVE_S)
             if not await asyncio.to_thread(store.events_after, migration_id, after, 1):
                 await resp.write(b": keepalive\n\n")
