@@ -369,3 +369,60 @@ def test_agents_and_volumes(
     assert r.status_code == 200
     assert_problem(api.request("PUT", "/v1/agents/extra", json={"url": 5}), 400, "invalid_request")
     assert api.request("DELETE", "/v1/agents/extra").status_code == 204
+
+
+def test_cancel_then_retry_resumes_and_data_url_carries_the_data(
+    coordinator: CoordinatorProcess,
+    api_token: str,
+    agent_a: AgentProcess,
+    docker_a: docker.DockerClient,
+    docker_b: docker.DockerClient,
+    volume_name: str,
+) -> None:
+    """An agent registered with a data_url is reached there by the other agent (the proxy sees
+    the stream); a cancelled migration resumes on retry from the target's journal."""
+    from tests.faultproxy import FaultProxy
+
+    docker_a.api.create_volume(volume_name)
+    root = mountpoint(docker_a, volume_name)
+    (root / "big.bin").write_bytes(secrets.token_bytes(16 << 20))
+    api = API(coordinator, api_token)
+    with FaultProxy(agent_a.port) as proxy:
+        name = f"a-data-{volume_name}"
+        r = api.request(
+            "PUT",
+            f"/v1/agents/{name}",
+            json={"url": agent_a.url, "token": agent_a.token, "data_url": proxy.url},
+        )
+        assert r.status_code == 201, r.text
+        created = api.create(
+            {
+                "source": {"agent": name, "volume": volume_name},
+                "target": {"agent": "host-b"},
+                "options": {"max_rate_bytes_per_s": 8 << 20},
+            }
+        )
+        wait_for(
+            lambda: (
+                api.request("GET", f"/v1/migrations/{created['id']}").json()["progress"][
+                    "bytes_done"
+                ]
+                > 2 << 20
+            ),
+            what="some progress",
+        )
+        assert api.request("POST", f"/v1/migrations/{created['id']}/cancel").status_code == 202
+        cancelled = api.wait(created["id"])
+        assert cancelled["state"] == "cancelled"
+        assert cancelled["result"]["target_complete"] is False
+        retried = api.request("POST", f"/v1/migrations/{created['id']}/retry")
+        assert retried.status_code == 202
+        assert retried.json()["attempts"] == 2
+        done = api.wait(created["id"])
+        assert done["state"] == "succeeded", done
+        assert done["result"]["verified"] is True
+        assert proxy.connections >= 2  # the data went through data_url, both attempts
+        # Resumed, not restarted: far less than two copies of the stream crossed the proxy.
+        assert proxy.downstream_bytes < 2 * (16 << 20)
+    assert_same_tree(root, mountpoint(docker_b, volume_name))
+    assert api.request("DELETE", f"/v1/agents/{name}").status_code == 204
