@@ -145,9 +145,7 @@ class Orchestrator:
     # -- persistence and events -----------------------------------------------------------
 
     async def save(self, m: Migration, *, state_event: bool = True) -> None:
-        await asyncio.to_thread(self.store.save_migration, m)
-        if state_event:
-            await asyncio.to_thread(self.store.append_event, m.id, "state", m.to_json())
+        await asyncio.to_thread(self.store.save_migration, m, state_event=state_event)
         await self._notify()
 
     async def log(self, m: Migration, level: str, message: str) -> None:

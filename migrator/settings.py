@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# One way to read --listen and token files for both services (the coordinator may use the
+# agent's pure modules; the agent never imports the coordinator).
+from agents.settings import SettingsError as SettingsError
+from agents.settings import parse_listen, read_token_file
+
 DEFAULT_LISTEN = "127.0.0.1:8420"
-
-
-class SettingsError(ValueError):
-    """Unusable configuration; the message says why (exit code 2)."""
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,6 @@ class CoordinatorSettings:
     poll_interval_s: float = 0.5
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SettingsError(f"--listen must be HOST:PORT, got {listen!r}")
-    return host.strip("[]"), int(port)
-
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -53,19 +47,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def read_tokens(path: str | Path) -> tuple[str, ...]:
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise SettingsError(f"cannot read token file {path}: {e.strerror}") from e
-    tokens = tuple(
-        line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
-    )
-    if not tokens:
-        raise SettingsError(f"token file {path} holds no token")
-    return tokens
 
 
 def read_config(path: str | Path) -> tuple[ConfiguredAgent, ...]:
@@ -101,7 +82,7 @@ def load_settings(
     retention_days: float = 30.0,
 ) -> CoordinatorSettings:
     host, port = parse_listen(listen)
-    tokens = read_tokens(token_file) if token_file else ()
+    tokens = read_token_file(token_file) if token_file else ()
     if not tokens and not is_loopback(host):
         raise SettingsError(
             f"refusing to listen on {host} without a token file: anyone on the network could "

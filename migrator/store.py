@@ -351,10 +351,12 @@ class Store:
                     (idempotency_key, fingerprint, m.id, time.time()),
                 )
 
-    def save_migration(self, m: Migration) -> None:
-        """Update a stored migration (document and indexed columns). Raises TargetTaken if it
-        becomes active (a retry) while another active migration writes its target, and
-        UnknownMigration if it is not stored."""
+    def save_migration(self, m: Migration, *, state_event: bool = False) -> None:
+        """Update a stored migration (document and indexed columns), and with `state_event`
+        append its `state` event in the same transaction, so a reader never sees the new state
+        without its event (an event stream ending on the terminal row would miss it). Raises
+        TargetTaken if it becomes active (a retry) while another active migration writes its
+        target, and UnknownMigration if it is not stored."""
         target = m.request.target
         with self._write() as conn:
             try:
@@ -370,6 +372,11 @@ class Store:
                 raise TargetTaken(target.agent, target.volume, other[0] if other else "?") from e
             if cur.rowcount == 0:
                 raise UnknownMigration(m.id)
+            if state_event:
+                conn.execute(
+                    "INSERT INTO events (migration_id, kind, data, created_at) VALUES (?, ?, ?, ?)",
+                    (m.id, "state", _dump(m.to_json()), time.time()),
+                )
 
     @staticmethod
     def _columns(m: Migration) -> tuple[Any, ...]:

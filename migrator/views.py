@@ -369,8 +369,8 @@ async def _pump_events(
         if not events:
             m = await orchestrator.get(migration_id)
             if m.state in TERMINAL:
-                # The row is saved a moment before its state event is appended: read the
-                # events once more before ending, so the terminal one is never cut off.
+                # The terminal row and its event are one commit, which may have landed
+                # between our read of the events and of the row: read the events once more.
                 if drained:
                     break
                 drained = True

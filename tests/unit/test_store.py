@@ -385,3 +385,22 @@ def test_prune_removes_only_old_finished_migrations_with_their_events(store: Sto
     assert store.prune(older_than_s=30 * 86400) == 0
     # Event ids are never reused after a prune (a client's Last-Event-ID stays meaningful).
     assert store.append_event(recent_done.id, "log", {}) > last_event
+
+
+def test_state_event_is_written_with_the_row(tmp_path: Path) -> None:
+    """A reader that sees the new state also sees its event (one transaction)."""
+    store = Store(tmp_path / "m.db")
+    store.open()
+    m = Migration(
+        id=new_id(),
+        request=parse_request(
+            {"source": {"agent": "a1", "volume": "v1"}, "target": {"agent": "b1"}}
+        ),
+    )
+    store.insert_migration(m)
+    m.start()
+    store.save_migration(m, state_event=True)
+    [(_, kind, data)] = store.events_after(m.id, 0)
+    assert kind == "state"
+    assert data["state"] == "running"
+    store.close()
