@@ -42,8 +42,15 @@ class ContentDB:
     def record(self, digests: Iterable[FileDigest]) -> None:
         rows = [(d.path, d.sha256, d.size) for d in digests]
         if rows:
-            with self._db:
+            # One transaction per call (a frame's files): in autocommit mode every row was its
+            # own commit and fdatasync, 113 us a file, half of a 100k-small-file pull.
+            self._db.execute("BEGIN")
+            try:
                 self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def forget(self, path: bytes) -> None:
         """A path the target no longer has (deleted by an incremental pass), with its subtree."""
