@@ -17,7 +17,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import aiohttp
@@ -68,7 +68,10 @@ class MigrationFailed(Exception):
 class Metrics:
     bytes_transferred: int = 0
     retries: int = 0
-    durations: list[float] = field(default_factory=list)
+    duration_sum_s: float = 0.0
+    succeeded: int = 0
+    """Sum and count of succeeded migrations' durations (a Prometheus summary needs no more,
+    and a list would grow for as long as the coordinator runs)."""
 
 
 class Orchestrator:
@@ -273,7 +276,8 @@ class Orchestrator:
             result["duration_s"] = round(time.monotonic() - started, 3)
             m.succeed(result)
             self.metrics.bytes_transferred += int(result.get("bytes") or 0)
-            self.metrics.durations.append(result["duration_s"])
+            self.metrics.duration_sum_s += result["duration_s"]
+            self.metrics.succeeded += 1
             # The log line goes first: the terminal state is the stream's last event.
             await self.log(m, "info", "succeeded")
             await self.save(m)

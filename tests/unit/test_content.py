@@ -1,0 +1,26 @@
+"""The pull's content manifest: rows of a frame in one transaction, deletions with subtrees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agents.content import ContentDB
+from agents.extract import FileDigest
+
+
+def test_one_commit_per_frame_not_per_file(tmp_path: Path) -> None:
+    db = ContentDB(tmp_path / "content.db")
+    statements: list[str] = []
+    db._db.set_trace_callback(statements.append)
+    db.record(FileDigest(b"d/f%d" % i, "ab" * 32, i) for i in range(1000))
+    assert db.count() == 1000
+    assert sum(s.strip().upper() == "COMMIT" for s in statements) == 1
+    db.close()
+
+
+def test_forget_removes_a_path_and_its_subtree_only(tmp_path: Path) -> None:
+    db = ContentDB(tmp_path / "content.db")
+    db.record(FileDigest(p, "00" * 32, 1) for p in (b"a", b"a/x", b"a/y/z", b"a.b", b"ab"))
+    db.forget(b"a")
+    assert [p for p in (b"a", b"a/x", b"a/y/z", b"a.b", b"ab") if db.lookup(p)] == [b"a.b", b"ab"]
+    db.close()
