@@ -535,6 +535,23 @@ class FrameDecoder:
         if self.done and self._buf:
             raise ProtocolViolation("bytes after the last frame")
 
+    def read_header(self, head: bytes) -> Header:
+        """Frame by frame instead of `feed`: the next frame's header (exactly HEADER_SIZE bytes),
+        checked against the stream so far. The reader then reads `payload_length` bytes and
+        hands them to `read_frame`. Never mix with `feed` on one decoder."""
+        if self.done:
+            raise ProtocolViolation("bytes after the last frame")
+        if len(head) != HEADER_SIZE:
+            raise Truncated("the stream ended inside a frame header", offset=self.next_offset)
+        return self._check_header(decode_header(head))
+
+    def read_frame(self, head: Header, payload: bytes) -> Frame:
+        """The frame `head` announced, from exactly its payload, verified (see `read_header`).
+        At most one frame is decompressed at a time, however well the stream compresses."""
+        if len(payload) != head.payload_length:
+            raise Truncated("the stream ended inside a frame", offset=head.raw_offset)
+        return self._accept(head, payload)
+
     def raise_pending(self) -> None:
         """Raise the error the last `feed` held back behind good frames, if any: a reader that
         has used those frames should stop here rather than wait for more bytes."""

@@ -64,7 +64,11 @@ class RetryPolicy:
 
 # Incremental passes after the first one while the source keeps changing under us.
 MAX_PASSES = 6
-READ_BYTES = 1 << 20
+# Verified frames waiting for the writer: the reader keeps receiving while frames are written,
+# and memory stays a few chunks (queued + being written + being read).
+PIPELINE_FRAMES = 2
+# aiohttp's receive buffer (high water at twice this): fewer pauses of the socket per frame.
+READ_BUFSIZE = 4 << 20
 # A source that sends nothing for this long is treated as a cut connection.
 SOCK_READ_TIMEOUT_S = 120
 
@@ -380,6 +384,7 @@ class PullManager:
         # re-fetched after a cut instead of at most one 1 MiB frame.
         self._session = aiohttp.ClientSession(
             version=aiohttp.HttpVersion10,
+            read_bufsize=READ_BUFSIZE,
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=10, sock_read=SOCK_READ_TIMEOUT_S
             ),
@@ -681,37 +686,82 @@ class PullManager:
         raise PullFailed(code, f"source refused the stream: {detail}")
 
     async def _consume(self, pull: Pull, resp: aiohttp.ClientResponse) -> dict[str, Any]:
+        """Read, verify and apply one response's frames, as a pipeline: this task reads and
+        verifies frame N+1 while a writer task applies frame N in a worker thread. Frames
+        verified before a failure are still applied and committed before it is raised."""
+        handed: asyncio.Queue[frames.Frame | None] = asyncio.Queue(maxsize=PIPELINE_FRAMES)
+        writer = asyncio.create_task(self._write_frames(pull, handed))
+        try:
+            return await self._read_frames(pull, resp, handed, writer)
+        except Exception:
+            await _end_writer(handed, writer)  # its own failure, if any, is the one raised
+            raise
+        finally:
+            if not writer.done():
+                writer.cancel()
+            await asyncio.wait({writer})
+            if not writer.cancelled():
+                writer.exception()  # retrieved: raised above or superseded
+
+    async def _read_frames(
+        self,
+        pull: Pull,
+        resp: aiohttp.ClientResponse,
+        handed: asyncio.Queue[frames.Frame | None],
+        writer: asyncio.Task[None],
+    ) -> dict[str, Any]:
         j = pull.journal
         decoder = frames.FrameDecoder(expect_offset=j.offset, expect_stream_id=j.stream_id)
+        body = resp.content
+        while True:
+            try:
+                head_bytes = await body.readexactly(frames.HEADER_SIZE)
+                with _frame_errors():
+                    head = decoder.read_header(head_bytes)
+                payload = await body.readexactly(head.payload_length)
+            except asyncio.IncompleteReadError as e:
+                if e.partial:
+                    raise Retryable("transfer_failed", "the stream ended inside a frame") from e
+                with _frame_errors():
+                    decoder.finish()
+                raise Retryable("transfer_failed", "stream ended without a trailer") from e
+            with _frame_errors():
+                if head.kind is frames.FrameKind.DATA:  # up to 8 MiB to hash, maybe inflate
+                    frame = await asyncio.to_thread(decoder.read_frame, head, payload)
+                else:
+                    frame = decoder.read_frame(head, payload)
+            del payload
+            if frame.kind is frames.FrameKind.DATA:
+                await _hand_over(handed, frame, writer)
+            elif frame.kind is frames.FrameKind.HELLO:
+                await self._on_hello(pull, frame.json or {})
+            elif frame.kind is frames.FrameKind.TRAILER:
+                await _end_writer(handed, writer)
+                await self._finish_pass(pull, frame.json or {})
+                return frame.json or {}
+            else:
+                await _end_writer(handed, writer)
+                err = frame.json or {}
+                raise Retryable(
+                    str(err.get("code", "transfer_failed")),
+                    f"the source failed mid-stream: {err.get('message')}",
+                )
+
+    async def _write_frames(self, pull: Pull, handed: asyncio.Queue[frames.Frame | None]) -> None:
+        j = pull.journal
         started = time.monotonic()
         done_at_start = j.offset
-        while True:
-            data = await resp.content.read(READ_BYTES)
-            if not data:
-                break
-            with _frame_errors():
-                got = await asyncio.to_thread(decoder.feed, data)
-            for frame in got:
-                if frame.kind is frames.FrameKind.HELLO:
-                    await self._on_hello(pull, frame.json or {})
-                elif frame.kind is frames.FrameKind.DATA:
-                    await asyncio.to_thread(self._apply, pull, frame)
-                    elapsed = max(time.monotonic() - started, 1e-6)
-                    pull.progress.rate_bytes_per_s = (j.offset - done_at_start) / elapsed
-                elif frame.kind is frames.FrameKind.TRAILER:
-                    await self._finish_pass(pull, frame.json or {})
-                    return frame.json or {}
-                else:
-                    err = frame.json or {}
-                    raise Retryable(
-                        str(err.get("code", "transfer_failed")),
-                        f"the source failed mid-stream: {err.get('message')}",
-                    )
-            with _frame_errors():
-                decoder.raise_pending()  # good frames came first and are committed; stop here
-        with _frame_errors():
-            decoder.finish()
-        raise Retryable("transfer_failed", "stream ended without a trailer")
+        while (frame := await handed.get()) is not None:
+            applying = asyncio.ensure_future(asyncio.to_thread(self._apply, pull, frame))
+            try:
+                await asyncio.shield(applying)
+            except asyncio.CancelledError:
+                # The frame is being written in a thread: let it end before anyone closes the
+                # extractor under it.
+                await asyncio.wait({applying})
+                raise
+            elapsed = max(time.monotonic() - started, 1e-6)
+            pull.progress.rate_bytes_per_s = (j.offset - done_at_start) / elapsed
 
     async def _on_hello(self, pull: Pull, hello: dict[str, Any]) -> None:
         j = pull.journal
@@ -846,6 +896,30 @@ def _frame_errors() -> Iterator[None]:
         if e.retryable:
             raise Retryable("transfer_failed", f"frame rejected: {e}") from e
         raise PullFailed(e.code, f"protocol violation from the source: {e}") from e
+
+
+async def _hand_over(
+    handed: asyncio.Queue[frames.Frame | None],
+    frame: frames.Frame | None,
+    writer: asyncio.Task[None],
+) -> None:
+    """Queue `frame` for the writer, waiting for room; raise the writer's error if it ended."""
+    put = asyncio.ensure_future(handed.put(frame))
+    await asyncio.wait({put, writer}, return_when=asyncio.FIRST_COMPLETED)
+    if not put.done():
+        put.cancel()
+        writer.result()
+        raise RuntimeError("the frame writer ended early")
+
+
+async def _end_writer(
+    handed: asyncio.Queue[frames.Frame | None], writer: asyncio.Task[None]
+) -> None:
+    """Let the writer apply every frame already handed over, then end; raise its error."""
+    if not writer.done():
+        await _hand_over(handed, None, writer)
+        await asyncio.wait({writer})
+    writer.result()
 
 
 def _composite_from_file(path: Path) -> str:

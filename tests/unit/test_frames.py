@@ -62,6 +62,29 @@ def stream(
 
 
 def decode_all(body: bytes, splits: list[int] | None = None, **kw: Any) -> list[Frame]:
+    """Decode `body` both ways a reader can — `feed` in arbitrary splits, and frame by frame
+    (`read_header` + `read_frame`, as the pull does) — and check that they agree, on the
+    frames or on the error."""
+    fed = _outcome(lambda: _decode_fed(body, splits, **kw))
+    by_frame = _outcome(lambda: _decode_by_frame(body, **kw))
+    if isinstance(fed, frames.FrameError):
+        assert type(by_frame) is type(fed), (fed, by_frame)
+        raise fed
+    assert isinstance(by_frame, list), by_frame
+    assert [(f.kind, f.raw_offset, f.raw, f.json) for f in by_frame] == [
+        (f.kind, f.raw_offset, f.raw, f.json) for f in fed
+    ]
+    return fed
+
+
+def _outcome(decode: Callable[[], list[Frame]]) -> list[Frame] | frames.FrameError:
+    try:
+        return decode()
+    except frames.FrameError as e:
+        return e
+
+
+def _decode_fed(body: bytes, splits: list[int] | None, **kw: Any) -> list[Frame]:
     dec = FrameDecoder(**kw)
     got: list[Frame] = []
     if splits is None:
@@ -73,6 +96,21 @@ def decode_all(body: bytes, splits: list[int] | None = None, **kw: Any) -> list[
             pos += n
         got += dec.feed(body[pos:])
     dec.finish()
+    return got
+
+
+def _decode_by_frame(body: bytes, **kw: Any) -> list[Frame]:
+    dec = FrameDecoder(**kw)
+    got: list[Frame] = []
+    pos = 0
+    while pos < len(body) or not dec.done:
+        head_bytes = body[pos : pos + HEADER_SIZE]
+        if not head_bytes:
+            dec.finish()
+        head = dec.read_header(head_bytes)
+        pos += HEADER_SIZE
+        got.append(dec.read_frame(head, body[pos : pos + head.payload_length]))
+        pos += head.payload_length
     return got
 
 
@@ -189,6 +227,27 @@ def test_decoder_fed_in_odd_splits(seed: int) -> None:
     rng = random.Random(seed)
     splits = [rng.choice([1, 3, 63, 64, 65, 511, 4097, CHUNK + 1]) for _ in range(400)]
     assert data_of(decode_all(body, splits)) == data
+
+
+def test_frame_by_frame_inflates_one_frame_at_a_time() -> None:
+    """A body of frames that compress ~100:1 decodes with one raw chunk in memory at a time:
+    the reader asks for each frame's payload after the last one was used."""
+    data = b"\0" * (8 * CHUNK)
+    body = stream(data, compression=Compression.ZSTD)
+    assert len(body) < len(data) // 20
+    dec = FrameDecoder()
+    pos, out = 0, bytearray()
+    while not dec.done:
+        head = dec.read_header(body[pos : pos + HEADER_SIZE])
+        pos += HEADER_SIZE
+        frame = dec.read_frame(head, body[pos : pos + head.payload_length])
+        pos += head.payload_length
+        if frame.kind is FrameKind.DATA:
+            assert len(frame.raw) <= CHUNK
+            out += frame.raw
+    assert bytes(out) == data and pos == len(body)
+    with pytest.raises(frames.ProtocolViolation):
+        dec.read_header(b"\0" * HEADER_SIZE)
 
 
 def test_decoder_state_after_hello() -> None:
