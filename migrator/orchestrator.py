@@ -267,13 +267,15 @@ class Orchestrator:
 
     async def _run(self, migration_id: str) -> None:
         m = await self.get(migration_id)
-        started = time.monotonic()
         try:
             if m.state is State.QUEUED:
                 m.start()
+                # Wall-clock and durable: a run resumed after a restart counts from here too.
+                m.checkpoint["run_started_at"] = time.time()
                 await self.save(m)
+            started = float(m.checkpoint.get("run_started_at") or time.time())
             result = await self._migrate(m)
-            result["duration_s"] = round(time.monotonic() - started, 3)
+            result["duration_s"] = round(time.time() - started, 3)
             m.succeed(result)
             self.metrics.bytes_transferred += int(result.get("bytes") or 0)
             self.metrics.duration_sum_s += result["duration_s"]
@@ -348,7 +350,9 @@ class Orchestrator:
         req = m.request
         source_rec, source = await self.agent(req.source.agent)
         _, target = await self.agent(req.target.agent)
-        if not m.checkpoint.get("transfer_started"):
+        # Once containers are being stopped, what preparing found stands: run again, it would
+        # see our own stopped containers as idle and never start them again.
+        if not m.checkpoint.get("transfer_started") and "stopping_ids" not in m.checkpoint:
             m.enter(Phase.PREPARING)
             await self.save(m)
             await self._prepare(m, source, target)
@@ -623,14 +627,16 @@ class Orchestrator:
             return  # a resumed run: they are stopped already
         m.enter(Phase.QUIESCING)
         pairs = self._pairs(m)
-        stopping: list[str] = []
+        # A run that died while stopping them may have stopped these already: still ours.
+        previous: list[str] = list(m.checkpoint.get("stopping_ids") or [])
+        stopping = list(previous)
         for src, _ in pairs:
             info = await self._inspect(m, source, src)
             stopping += [
                 c["id"] for c in info["in_use_by"] if c["running"] and c["id"] not in stopping
             ]
         m.checkpoint["stopping_ids"] = stopping
-        m.checkpoint["stopped_at"] = time.time()
+        m.checkpoint.setdefault("stopped_at", time.time())  # the downtime began at the first stop
         await self.save(m)
         stopped: list[dict[str, str]] = []
         for src, _ in pairs:
@@ -642,7 +648,9 @@ class Orchestrator:
                 )
             except AgentRefused as e:
                 raise MigrationFailed(e.code, f"stopping containers: {e.detail}") from e
-        m.checkpoint["stopped_ids"] = [c["id"] for c in stopped]
+        m.checkpoint["stopped_ids"] = previous + [
+            c["id"] for c in stopped if c["id"] not in previous
+        ]
         await self.save(m, state_event=False)
         await self.log(m, "info", f"stopped {', '.join(c['name'] for c in stopped) or 'nothing'}")
 
