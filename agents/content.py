@@ -1,19 +1,24 @@
-"""The content manifest of a pull, and verification of a target volume against it.
+"""The content manifest of a pull, verification of a target volume against it, and a
+disk-backed set of paths for the extractor.
 
-Owns `<pull dir>/content.db` (SQLite; the agent's only SQL): for every regular file the pull
+Owns the agent's SQL (SQLite). `<pull dir>/content.db`: for every regular file the pull
 wrote, the SHA-256 of its content as extracted. Those bytes were verified frame by frame
 against the SHA-256 the source took while reading them, so this is the content as the source
 read it; the last pass that wrote a path wins, and paths an incremental pass deleted are
 dropped. Verification re-reads the whole target volume independently (never the source),
 compares every file with its recorded digest, and computes the tree digest.
 
-Blocking; callers run it off the event loop. Memory stays flat: the database is indexed by
+`PathIndex` is a set of paths on disk: the extractor looks up the regular files its stream
+wrote there (its hard-link check), so its memory does not grow with the file count.
+
+Blocking; callers run it off the event loop. Memory stays flat: the databases are indexed by
 path and the volume is walked as a stream.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -21,9 +26,12 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from agents.extract import FileDigest
 from agents.manifest import EntryType, decode_path, walk
+
+if TYPE_CHECKING:  # the extractor imports this module: no import back at run time
+    from agents.extract import FileDigest
 
 MAX_MISMATCHES = 100
 READ_SIZE = 1 << 20
@@ -55,7 +63,7 @@ class ContentDB:
 
     def record(self, digests: Iterable[FileDigest]) -> None:
         """The digests of one frame's files, in one transaction."""
-        rows = [(d.path, d.sha256, d.size) for d in digests]
+        rows = list(digests)  # a FileDigest is a (path, sha256, size) tuple
         if rows:
             with self._transaction() as db:
                 db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", rows)
@@ -73,6 +81,61 @@ class ContentDB:
 
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM files").fetchone()[0])
+
+
+class PathIndex:
+    """A throwaway set of paths on disk: memory stays flat whatever the count (SQLite's page
+    cache is bounded). Not durable: the file is replaced on open and removed on close, and
+    its owner rebuilds it from its own journal when needed, so one transaction stays open
+    for its whole life (no commit per `add`). Keyed by the path itself: a tar stream lists a
+    directory's files together, so inserts stay local in the B-tree (~1 us a path); a hashed
+    key would scatter them over the whole table. SQLite errors are raised as OSError."""
+
+    def __init__(self, path: str | bytes) -> None:
+        self._path = os.fsencode(path)
+        self._remove_files()
+        with _as_oserror():
+            self._db = sqlite3.connect(
+                os.fsdecode(self._path), check_same_thread=False, isolation_level=None
+            )
+        try:
+            with _as_oserror():
+                self._db.execute("PRAGMA journal_mode=OFF")
+                self._db.execute("PRAGMA synchronous=OFF")
+                self._db.execute("CREATE TABLE paths (path BLOB PRIMARY KEY) WITHOUT ROWID")
+                self._db.execute("BEGIN")
+        except BaseException:
+            self.close()
+            raise
+
+    def add(self, paths: Iterable[bytes]) -> None:
+        with _as_oserror():
+            self._db.executemany("INSERT OR IGNORE INTO paths VALUES (?)", ((p,) for p in paths))
+
+    def __contains__(self, path: object) -> bool:
+        with _as_oserror():
+            row = self._db.execute("SELECT 1 FROM paths WHERE path = ?", (path,)).fetchone()
+        return row is not None
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()  # the open transaction is dropped with the file
+        self._remove_files()
+
+    def _remove_files(self) -> None:
+        for suffix in (b"", b"-journal", b"-wal", b"-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path + suffix)
+
+
+@contextlib.contextmanager
+def _as_oserror() -> Iterator[None]:
+    """SQLite errors as OSError (ENOSPC for a full disk, else EIO): the extractor's I/O error."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        full = getattr(e, "sqlite_errorname", "") == "SQLITE_FULL"
+        raise OSError(errno.ENOSPC if full else errno.EIO, f"path index: {e}") from e
 
 
 def file_sha256(path: bytes) -> str:

@@ -1,9 +1,10 @@
 """Extract the verified PAX tar stream straight into a volume directory, resumable mid-entry.
 
 Owns parsing the tar stream incrementally (any split points) and applying each entry to the
-target root with exact metadata. Pure stdlib, blocking I/O (callers run it in a thread); no
-asyncio, Docker or sockets; must not import `migrator`. It does not use `tarfile`: its
-extraction filters drop ownership and rewrite modes, and it cannot resume mid-file.
+target root with exact metadata. Stdlib only (SQLite through `agents.content`), blocking I/O
+(callers run it in a thread); no asyncio, Docker or sockets; must not import `migrator`. It
+does not use `tarfile`: its extraction filters drop ownership and rewrite modes, and it cannot
+resume mid-file.
 
 Accepted stream (what `agents/tarstream.py` writes; anything else is refused):
 
@@ -20,9 +21,11 @@ Accepted stream (what `agents/tarstream.py` writes; anything else is refused):
 
 Safety: every name is checked (no absolute path, no "", "." or ".." component, no NUL) and
 reached by walking from a root directory fd with O_NOFOLLOW|O_DIRECTORY, one component at a
-time; an existing symlink is never followed (it is replaced). A hard link must name an earlier
-regular file of this stream. Devices need `allow_devices`. Errors are typed (tree below) and
-carry the entry's name; after one, the extractor refuses more input (resume from a checkpoint).
+time; an existing symlink is never followed (it is replaced). Entries are created exclusively
+(O_EXCL) and only what is in the way is looked at and removed, so a fresh volume costs no
+`stat` per entry. A hard link must name an earlier regular file of this stream. Devices need
+`allow_devices`. Errors are typed (tree below) and carry the entry's name; after one, the
+extractor refuses more input (resume from a checkpoint).
 
     AgentError (agents.errors)
     └── ExtractError              422 extract_failed
@@ -37,9 +40,16 @@ carry the entry's name; after one, the extractor refuses more input (resume from
 Resume: `commit()` makes what was written durable and returns a JSON checkpoint; the stream is
 re-sent from its "offset" (= bytes fed so far). Unparsed header bytes travel in the checkpoint;
 an entry in progress is reopened without truncation and its hash re-read from disk. Directory
-metadata (applied by `finish()`, after the children) and the identities of the regular files
-(for hard-link checks) live in append-only journals in `state_dir`, cut back to their committed
-length on resume.
+metadata (applied by `finish()`, after the children) and the paths of the regular files (for
+hard-link checks) live in append-only journals in `state_dir`, cut back to their committed
+length on resume. The files journal is looked up through an index on disk, built only when a
+hard link asks: memory does not grow with the number of entries.
+
+Speed (small files are mostly headers): a header sequence is parsed straight from the fed
+buffer, each block once, with numeric fields memoized; a plain file whose data is in the same
+buffer is created, written and closed in one step (open, pwrite, fchown, fchmod, utime,
+close: what GNU tar does); xattrs are only listed when the entry was not created here or its
+directory could have passed some on.
 """
 
 from __future__ import annotations
@@ -51,21 +61,30 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Callable, Mapping
+import zlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+from agents.content import PathIndex
 from agents.errors import AgentError
 from agents.manifest import EntryType
 
 BLOCK = 512
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 _ZERO_BLOCK = bytes(BLOCK)
 _ZEROS = bytes(1 << 20)  # holes are hashed from this buffer, 1 MiB per update call
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIRS_LOG = b"extract-dirs.jsonl"
-_FILES_LOG = b"extract-files.bin"
-_FILE_ID = 16  # bytes of blake2b per regular file in the files journal
+_FILES_LOG = b"extract-paths.bin"  # the regular files written: (4-byte length, path) records
+_FILES_INDEX = b"extract-paths.db"  # a lookup index over it, built when a hard link asks
+_READ_SIZE = 1 << 20
+_RECENT_BYTES = 4 << 20  # memory for the paths kept for hard links to recent files
+_RECENT_OVERHEAD = 100  # bytes a set entry costs besides its path
+# Stream phases; compared by identity (a restored phase is mapped back through _PHASES).
+_HEADER, _DATA, _PAD, _END = "header", "data", "pad", "end"
+_PHASES = {p: p for p in (_HEADER, _DATA, _PAD, _END)}
 
 StrPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 
@@ -118,9 +137,10 @@ class Limits:
     """PATH_MAX on Linux."""
 
 
-@dataclass(frozen=True, slots=True)
-class FileDigest:
-    """SHA-256 of a regular file's logical content (holes read as zeros), as written."""
+class FileDigest(NamedTuple):
+    """SHA-256 of a regular file's logical content (holes read as zeros), as written.
+
+    A named tuple (one per file, so cheap to make), in the content manifest's column order."""
 
     path: bytes
     sha256: str
@@ -199,6 +219,11 @@ def _padded(n: int) -> int:
 
 # --- parsing: pure functions over bytes ------------------------------------------------------
 
+# Numeric fields repeat from header to header (modes, owners, sizes, close mtimes): a bounded
+# memo of raw field -> value skips re-validating them. Only successes are stored.
+_OCTALS: dict[bytes, int] = {}
+_OCTALS_MAX = 4096
+
 
 def _decimal(raw: bytes, what: str, path: bytes | None = None) -> int:
     if not raw or not raw.isdigit() or len(raw) > 20:
@@ -207,24 +232,43 @@ def _decimal(raw: bytes, what: str, path: bytes | None = None) -> int:
 
 
 def _octal(field: bytes, what: str) -> int:
+    value = _OCTALS.get(field)
+    if value is not None:
+        return value
     if field[:1] and field[0] & 0x80:
         raise MalformedArchive(f"base-256 {what} field is not supported")
     digits = field.split(b"\0", 1)[0].strip(b" ")
     if not digits:
-        return 0
-    if digits.strip(b"01234567"):
+        value = 0
+    elif digits.strip(b"01234567"):
         raise MalformedArchive(f"{what} field is not octal: {field!r}")
-    return int(digits, 8)
+    else:
+        value = int(digits, 8)
+    if len(_OCTALS) >= _OCTALS_MAX:
+        _OCTALS.clear()
+    _OCTALS[field] = value
+    return value
 
 
 def _check_block(block: bytes) -> None:
     stored = _octal(block[148:156], "checksum")
-    rest = block[:148] + block[156:]
-    unsigned = sum(rest) + 8 * 0x20  # the checksum field counts as spaces
-    # Some old tars summed signed chars; both are valid per the historical format.
-    if stored != unsigned and stored != unsigned - 256 * sum(b > 127 for b in rest):
-        raise MalformedArchive(f"header checksum mismatch (stored {stored}, computed {unsigned})")
-    if block[257:263] != b"ustar\0" or block[263:265] != b"00":
+    # The byte sum of each 256-byte half is at most 65280, below adler32's modulus 65521, so
+    # the low half of adler32 (1 + sum) gives it exactly, without a Python-level loop.
+    unsigned = (
+        (zlib.adler32(block[:256]) & 0xFFFF)
+        + (zlib.adler32(block[256:]) & 0xFFFF)
+        - 2
+        - sum(block[148:156])
+        + 8 * 0x20  # the checksum field counts as spaces
+    )
+    if stored != unsigned:
+        # Some old tars summed signed chars; both are valid per the historical format.
+        rest = block[:148] + block[156:]
+        if stored != unsigned - 256 * sum(b > 127 for b in rest):
+            raise MalformedArchive(
+                f"header checksum mismatch (stored {stored}, computed {unsigned})"
+            )
+    if block[257:265] != b"ustar\x0000":
         raise MalformedArchive(f"not a POSIX ustar header (magic {block[257:265]!r})")
 
 
@@ -232,15 +276,17 @@ def _cstr(field: bytes) -> bytes:
     return field.split(b"\0", 1)[0]
 
 
-def _parse_pax(data: bytes) -> dict[bytes, bytes]:
-    records: dict[bytes, bytes] = {}
+def _parse_pax(data: bytes, records: dict[bytes, bytes]) -> None:
+    """Add the records of one extended header to `records` (later ones win)."""
     pos = 0
     while pos < len(data):
         space = data.find(b" ", pos, pos + 21)
         if space < 0:
             raise MalformedArchive("PAX record without a length")
-        length = _decimal(data[pos:space], "PAX record length")
-        end = pos + length
+        digits = data[pos:space]
+        if not digits.isdigit() or len(digits) > 20:
+            raise MalformedArchive(f"PAX record length is not a decimal number: {digits!r}")
+        end = pos + int(digits)
         if end > len(data) or end <= space + 1 or data[end - 1] != 0x0A:
             raise MalformedArchive("PAX record length does not match its content")
         key, eq, value = data[space + 1 : end - 1].partition(b"=")
@@ -248,10 +294,12 @@ def _parse_pax(data: bytes) -> dict[bytes, bytes]:
             raise MalformedArchive(f"PAX record without a key: {data[pos:end][:64]!r}")
         records[key] = value
         pos = end
-    return records
 
 
 def _parse_mtime(raw: bytes, path: bytes) -> int:
+    sec, dot, frac = raw.partition(b".")
+    if len(frac) == 9 and len(sec) <= 20 and sec.isdigit() and frac.isdigit():
+        return int(sec) * 1_000_000_000 + int(frac)  # what tarstream writes
     negative = raw.startswith(b"-")
     sec, dot, frac = (raw[1:] if negative else raw).partition(b".")
     ns = _decimal(sec, "mtime", path) * 1_000_000_000
@@ -264,6 +312,17 @@ def _parse_mtime(raw: bytes, path: bytes) -> int:
 
 def _clean_path(raw: bytes, limits: Limits, what: str = "name") -> bytes:
     """The checked relative form of a name: "." for the root, else without "./" and "/"."""
+    if (
+        raw
+        and raw[0] != 0x2F  # "/"
+        and raw[0] != 0x2E  # ".": no "./" prefix, no leading "." or ".." component
+        and raw[-1] != 0x2F
+        and len(raw) <= limits.max_path_bytes
+        and b"\0" not in raw
+        and b"//" not in raw
+        and b"/." not in raw  # no later component starts with "."
+    ):
+        return raw  # already in clean form: no empty, "." or ".." component
     if len(raw) > limits.max_path_bytes:
         raise LimitExceeded(f"{what} longer than {limits.max_path_bytes} bytes", raw[:256])
     if not raw:
@@ -274,45 +333,66 @@ def _clean_path(raw: bytes, limits: Limits, what: str = "name") -> bytes:
         raise UnsafeEntry(f"absolute {what}", raw)
     path = raw[2:] if raw.startswith(b"./") else raw
     path = path.rstrip(b"/")
-    if path in (b"", b"."):
+    if path == b"" or path == b".":
         return b"."
-    for part in path.split(b"/"):
-        if part in (b"", b".", b".."):
-            raise UnsafeEntry(f"{what} has an empty, '.' or '..' component", raw)
+    # Empty components: a leading "/" (after "./") or "//" (trailing ones were stripped).
+    if path.startswith(b"/") or b"//" in path:
+        raise UnsafeEntry(f"{what} has an empty, '.' or '..' component", raw)
+    if b"." in path:
+        for part in path.split(b"/"):
+            if part == b"." or part == b"..":
+                raise UnsafeEntry(f"{what} has an empty, '.' or '..' component", raw)
     return path
 
 
 _TYPEFLAGS = {
-    b"0": EntryType.FILE,
-    b"\0": EntryType.FILE,
-    b"1": EntryType.FILE,  # hard link
-    b"2": EntryType.SYMLINK,
-    b"3": EntryType.CHAR,
-    b"4": EntryType.BLOCK,
-    b"5": EntryType.DIR,
-    b"6": EntryType.FIFO,
+    0x30: EntryType.FILE,  # "0"
+    0x00: EntryType.FILE,  # NUL
+    0x31: EntryType.FILE,  # "1": hard link
+    0x32: EntryType.SYMLINK,
+    0x33: EntryType.CHAR,
+    0x34: EntryType.BLOCK,
+    0x35: EntryType.DIR,
+    0x36: EntryType.FIFO,
 }
+_REFUSED_FLAGS = frozenset(b"gLKS")
+_PAX_FLAG = 0x78  # "x"
+_HARDLINK_FLAG = 0x31
+_NO_PAX: dict[bytes, bytes] = {}
+
+
+def _sparse_map_cap(limits: Limits) -> int:
+    # The most bytes a map of `max_sparse_runs` runs can take: 21 bytes per number, padded.
+    return (1 + 2 * limits.max_sparse_runs) * 21 + BLOCK
 
 
 def _parse_sparse_map(
     data: bytes, declared: int, realsize: int, limits: Limits, path: bytes
 ) -> tuple[int, tuple[tuple[int, int], ...]] | int:
-    """(bytes the padded map takes, runs), or the byte count needed before it can be parsed."""
+    """(bytes the padded map takes, runs), or the byte count needed before it can be parsed.
+
+    `data` starts at the map; only its first `min(padded(declared), map cap)` bytes are read."""
     usable = min(len(data) // BLOCK * BLOCK, _padded(declared))
-    lines = data[:usable].split(b"\n")
-    complete = lines[:-1]
-    count = _decimal(complete[0], "sparse map count", path) if complete else None
+    first = data.find(b"\n", 0, usable)
+    count = _decimal(data[:first], "sparse map count", path) if first >= 0 else None
     if count is not None and count > limits.max_sparse_runs:
         raise LimitExceeded(f"sparse map of {count} runs (limit {limits.max_sparse_runs})", path)
-    if count is None or len(complete) < 1 + 2 * count:
+    lines: list[bytes] = []
+    if count is not None:
+        lines = data[first + 1 : usable].split(b"\n", 2 * count)
+    if count is None or len(lines) <= 2 * count:
         if usable >= declared:
             raise MalformedArchive("sparse map longer than the entry's declared size", path)
-        if usable > (1 + 2 * limits.max_sparse_runs) * 21 + BLOCK:
+        if usable > _sparse_map_cap(limits):
             raise LimitExceeded("sparse map too long", path)
-        return usable + BLOCK
-    numbers = [_decimal(n, "sparse map entry", path) for n in complete[1 : 1 + 2 * count]]
+        # Each missing line takes at least its newline: ask for that much at once (a block at
+        # a time re-parses a large map thousands of times). Never more than the map needs, so
+        # a buffered header ends exactly where the map does.
+        missing = 1 if count is None else 2 * count + 1 - len(lines)
+        return usable + _padded(missing)
+    numbers = [_decimal(n, "sparse map entry", path) for n in lines[: 2 * count]]
     runs = tuple(zip(numbers[0::2], numbers[1::2], strict=True))
-    map_bytes = _padded(sum(len(n) + 1 for n in complete[: 1 + 2 * count]))
+    map_bytes = _padded(first + 1 + sum(len(n) + 1 for n in lines[: 2 * count]))
     end = 0
     for offset, length in runs:
         if offset < end or offset + length > realsize:
@@ -327,87 +407,155 @@ def _parse_sparse_map(
     return map_bytes, runs
 
 
-def _build_header(block: bytes, pax: dict[bytes, bytes], limits: Limits) -> tuple[Header, int, int]:
-    """The entry of a ustar block and its extended records: (header, declared size, realsize)."""
-    name = _cstr(block[0:100])
-    prefix = _cstr(block[345:500])
-    raw_path = pax.get(b"path", prefix + b"/" + name if prefix else name)
-    flag = block[156:157]
-    sparse = b"GNU.sparse.major" in pax or b"GNU.sparse.map" in pax
-    if sparse:
-        if pax.get(b"GNU.sparse.major") != b"1" or pax.get(b"GNU.sparse.minor") != b"0":
-            raise MalformedArchive("only GNU sparse format 1.0 is supported", raw_path)
-        if b"GNU.sparse.name" not in pax or b"GNU.sparse.realsize" not in pax:
-            raise MalformedArchive("sparse entry without name or realsize", raw_path)
-        raw_path = pax[b"GNU.sparse.name"]
+def _ustar_numbers(block: bytes) -> tuple[int, int, int, int]:
+    """(mode, uid, gid, size) of a ustar block. Files of one tree mostly share these fields
+    byte for byte: the 36 raw bytes are memoized as a whole (bounded, successes only)."""
+    raw = block[100:136]
+    numbers = _NUMBERS.get(raw)
+    if numbers is None:
+        numbers = (
+            _octal(block[100:108], "mode") & 0o7777,
+            _octal(block[108:116], "uid"),
+            _octal(block[116:124], "gid"),
+            _octal(block[124:136], "size"),
+        )
+        if len(_NUMBERS) >= _OCTALS_MAX:
+            _NUMBERS.clear()
+        _NUMBERS[raw] = numbers
+    return numbers
+
+
+_NUMBERS: dict[bytes, tuple[int, int, int, int]] = {}
+
+
+def _build_header(
+    block: bytes, pax: dict[bytes, bytes], limits: Limits
+) -> tuple[Header, int, int, bool]:
+    """The entry of a ustar block and its extended records:
+    (header, declared size, realsize, sparse)."""
+    flag = block[156]
+    sparse = False
+    mode, uid, gid, size = _ustar_numbers(block)
+    mtime = link = None
+    if pax:
+        raw_path = pax.get(b"path")
+        # Records other than these two are rare: look for sparse, number and xattr records
+        # only when there are some.
+        mtime = pax.get(b"mtime")
+        others = len(pax) - (raw_path is not None) - (mtime is not None)
+        if raw_path is None:
+            raw_path = _ustar_name(block)
+        if others:
+            sparse = b"GNU.sparse.major" in pax or b"GNU.sparse.map" in pax
+            if sparse:
+                if pax.get(b"GNU.sparse.major") != b"1" or pax.get(b"GNU.sparse.minor") != b"0":
+                    raise MalformedArchive("only GNU sparse format 1.0 is supported", raw_path)
+                if b"GNU.sparse.name" not in pax or b"GNU.sparse.realsize" not in pax:
+                    raise MalformedArchive("sparse entry without name or realsize", raw_path)
+                raw_path = pax[b"GNU.sparse.name"]
+    else:
+        raw_path = _ustar_name(block)
+        others = 0
     path = _clean_path(raw_path, limits)
     kind = _TYPEFLAGS.get(flag)
     if kind is None:
-        raise MalformedArchive(f"unsupported entry type {flag!r}", path)
-    size = (
-        _decimal(pax[b"size"], "size", path) if b"size" in pax else _octal(block[124:136], "size")
+        raise MalformedArchive(f"unsupported entry type {bytes([flag])!r}", path)
+    xattrs: list[tuple[str, bytes]] = []
+    if others:
+        if b"size" in pax:
+            size = _decimal(pax[b"size"], "size", path)
+        if b"uid" in pax:
+            uid = _decimal(pax[b"uid"], "uid", path)
+        if b"gid" in pax:
+            gid = _decimal(pax[b"gid"], "gid", path)
+        link = pax.get(b"linkpath")
+        for key, value in pax.items():
+            if key.startswith(b"SCHILY.xattr."):
+                xname = key[len(b"SCHILY.xattr.") :]
+                if not xname or b"\0" in xname:
+                    raise MalformedArchive(f"bad xattr name {xname!r}", path)
+                xattrs.append((xname.decode("utf-8", "surrogateescape"), value))
+        xattrs.sort()
+    mtime_ns = (
+        _octal(block[136:148], "mtime") * 1_000_000_000
+        if mtime is None
+        else _parse_mtime(mtime, path)
     )
     realsize = size
     if sparse:
-        if flag not in (b"0", b"\0"):
+        if flag != 0x30 and flag != 0:
             raise MalformedArchive("sparse entry is not a regular file", path)
         realsize = _decimal(pax[b"GNU.sparse.realsize"], "sparse realsize", path)
-    elif size and (kind is not EntryType.FILE or flag == b"1"):
+    elif size and (kind is not EntryType.FILE or flag == _HARDLINK_FLAG):
         raise MalformedArchive(f"{kind.value} entry declares {size} data bytes", path)
-    xattrs = []
-    for key, value in pax.items():
-        if key.startswith(b"SCHILY.xattr."):
-            xname = key[len(b"SCHILY.xattr.") :]
-            if not xname or b"\0" in xname:
-                raise MalformedArchive(f"bad xattr name {xname!r}", path)
-            xattrs.append((xname.decode("utf-8", "surrogateescape"), value))
-    link = pax.get(b"linkpath", _cstr(block[157:257]))
-    header = Header(
-        path=path,
-        type=kind,
-        mode=_octal(block[100:108], "mode") & 0o7777,
-        uid=_decimal(pax[b"uid"], "uid", path) if b"uid" in pax else _octal(block[108:116], "uid"),
-        gid=_decimal(pax[b"gid"], "gid", path) if b"gid" in pax else _octal(block[116:124], "gid"),
-        mtime_ns=_parse_mtime(pax[b"mtime"], path)
-        if b"mtime" in pax
-        else _octal(block[136:148], "mtime") * 1_000_000_000,
-        size=realsize if kind is EntryType.FILE else 0,
-        runs=((0, size),) if kind is EntryType.FILE and not sparse else (),
-        xattrs=tuple(sorted(xattrs)),
-    )
-    if flag == b"1":
+    if path == b"." and kind is not EntryType.DIR:
+        raise UnsafeEntry(f"the root entry is a {kind.value}, not a directory", path)
+    if kind is EntryType.FILE and flag != _HARDLINK_FLAG:
+        return (
+            Header(
+                path,
+                kind,
+                mode,
+                uid,
+                gid,
+                mtime_ns,
+                realsize,
+                () if sparse else ((0, size),),
+                None,
+                None,
+                tuple(xattrs),
+            ),
+            size,
+            realsize,
+            sparse,
+        )
+    header = Header(path, kind, mode, uid, gid, mtime_ns, 0, (), None, None, tuple(xattrs))
+    if link is None:
+        link = _cstr(block[157:257])
+    if flag == _HARDLINK_FLAG:
         header.hardlink_of = _clean_path(link, limits, "hard link target")
-        header.size, header.runs = 0, ()
     elif kind is EntryType.SYMLINK:
         if not link or b"\0" in link:
             raise UnsafeEntry("symlink with an empty target or a NUL byte", path)
         header.link_target = link
-    elif kind in (EntryType.CHAR, EntryType.BLOCK):
+    elif kind is EntryType.CHAR or kind is EntryType.BLOCK:
         header.rdev = (_octal(block[329:337], "devmajor"), _octal(block[337:345], "devminor"))
-    if path == b"." and kind is not EntryType.DIR:
-        raise UnsafeEntry(f"the root entry is a {kind.value}, not a directory", path)
-    return header, size, realsize
+    return header, size, realsize, sparse
 
 
-def parse_entry(buf: bytes, limits: Limits) -> tuple[int, Header | None] | int:
-    """Parse the header sequence at the start of `buf` (extended headers, ustar header, sparse
-    map). Returns (bytes consumed, header) — header None for a zero block — or, if `buf` is
-    too short, the total length it must reach before parsing can go on."""
-    pos, pax_bytes = 0, 0
-    pax: dict[bytes, bytes] = {}
+def _ustar_name(block: bytes) -> bytes:
+    nul = block.find(0, 0, 100)
+    name = block[: 100 if nul < 0 else nul]
+    if block[345]:
+        return _cstr(block[345:500]) + b"/" + name
+    return name
+
+
+def _parse_headers(
+    buf: bytes, pos: int, end: int, limits: Limits
+) -> tuple[int, Header | None] | int:
+    """Parse the header sequence at `buf[pos:end]` (extended headers, ustar header, sparse
+    map). Returns (position after it, header) — header None for a zero block — or, if the
+    bytes end too early, the count of bytes from `pos` that parsing needs before it can go on.
+    Each block is parsed once; nothing past the headers is copied."""
+    start = pos
+    pax_bytes = 0
+    pax = _NO_PAX
     while True:
-        if len(buf) < pos + BLOCK:
-            return pos + BLOCK
+        if end - pos < BLOCK:
+            return pos - start + BLOCK
         block = buf[pos : pos + BLOCK]
         if block == _ZERO_BLOCK:
-            if pos:
+            if pos != start:
                 raise MalformedArchive("zero block after an extended header")
-            return BLOCK, None
+            return pos + BLOCK, None
         _check_block(block)
-        flag = block[156:157]
-        if flag in (b"g", b"L", b"K", b"S"):
-            raise MalformedArchive(f"unsupported header type {flag!r} (global/GNU extension)")
-        if flag != b"x":
+        flag = block[156]
+        if flag != _PAX_FLAG:
+            if flag in _REFUSED_FLAGS:
+                raise MalformedArchive(
+                    f"unsupported header type {bytes([flag])!r} (global/GNU extension)"
+                )
             break
         size = _octal(block[124:136], "size")
         pax_bytes += size
@@ -416,22 +564,60 @@ def parse_entry(buf: bytes, limits: Limits) -> tuple[int, Header | None] | int:
                 f"extended header of {pax_bytes} bytes (limit {limits.max_pax_bytes})",
                 _cstr(block[0:100]),
             )
-        if len(buf) < pos + BLOCK + _padded(size):
-            return pos + BLOCK + _padded(size)
-        pax.update(_parse_pax(buf[pos + BLOCK : pos + BLOCK + size]))
-        pos += BLOCK + _padded(size)
-    header, declared, realsize = _build_header(block, pax, limits)
+        data_end = pos + BLOCK + _padded(size)
+        if data_end > end:
+            return data_end - start
+        if pax is _NO_PAX:
+            pax = {}
+        _parse_pax(buf[pos + BLOCK : pos + BLOCK + size], pax)
+        pos = data_end
+    header, declared, realsize, sparse = _build_header(block, pax, limits)
     pos += BLOCK
-    if header.type is EntryType.FILE and not header.runs and header.hardlink_of is None:
-        parsed = _parse_sparse_map(buf[pos:], declared, realsize, limits, header.path)
+    if sparse and header.hardlink_of is None:
+        window = min(end - pos, _padded(declared), _sparse_map_cap(limits) + BLOCK)
+        parsed = _parse_sparse_map(buf[pos : pos + window], declared, realsize, limits, header.path)
         if isinstance(parsed, int):
-            return pos + parsed
+            return pos - start + parsed
         map_bytes, header.runs = parsed
         pos += map_bytes
     return pos, header
 
 
+def parse_entry(buf: bytes, limits: Limits) -> tuple[int, Header | None] | int:
+    """Parse the header sequence at the start of `buf` (extended headers, ustar header, sparse
+    map). Returns (bytes consumed, header) — header None for a zero block — or, if `buf` is
+    too short, the total length it must reach before parsing can go on."""
+    return _parse_headers(buf, 0, len(buf), limits)
+
+
 # --- applying entries ------------------------------------------------------------------------
+
+
+def _plain(h: Header) -> bool:
+    """A regular file whose data is all of it, from offset 0 (not a hard link, no holes)."""
+    runs = h.runs
+    return len(runs) == 1 and runs[0][0] == 0 and runs[0][1] == h.size
+
+
+def _journal_paths(fd: int, start: int, end: int) -> Iterator[bytes]:
+    """The paths in bytes [start, end) of a files journal, read a block at a time."""
+    buf = b""
+    while start < end:
+        chunk = os.pread(fd, min(end - start, _READ_SIZE), start)
+        if not chunk:
+            raise OSError(errno.EIO, "the files journal is shorter than written")
+        start += len(chunk)
+        buf += chunk
+        pos = 0
+        while len(buf) - pos >= 4:
+            stop = pos + 4 + int.from_bytes(buf[pos : pos + 4], "little")
+            if stop > len(buf):
+                break
+            yield buf[pos + 4 : stop]
+            pos = stop
+        buf = buf[pos:]
+    if buf:
+        raise OSError(errno.EIO, "the files journal ends inside a record")
 
 
 def _syncfs(fd: int) -> None:
@@ -448,28 +634,47 @@ def _proc_path(dir_fd: int, name: bytes) -> bytes:
     return b"/proc/self/fd/%d/%s" % (dir_fd, name)
 
 
-def _set_xattrs(target: int | bytes, xattrs: tuple[tuple[str, bytes], ...]) -> None:
+def _set_xattrs(
+    target: int | bytes, xattrs: tuple[tuple[str, bytes], ...], *, fresh: bool = False
+) -> None:
     """Make the xattrs exactly these (never following a symlink). Stale names outside the
-    "security." namespace are removed; labels there belong to the target host's policy."""
+    "security." namespace are removed; labels there belong to the target host's policy.
+    `fresh`: the entry was just created where nothing can be inherited (see `_inherits`), so
+    it has none to remove."""
     wanted = dict(xattrs)
     follow = isinstance(target, int)  # an fd is the entry itself; Python refuses False there
-    try:
-        present = os.listxattr(target, follow_symlinks=follow)
-    except OSError as e:
-        if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP) or wanted:
-            raise
-        present = []
-    for name in present:
-        if name not in wanted and not name.startswith("security."):
-            os.removexattr(target, name, follow_symlinks=follow)
+    if not fresh:
+        try:
+            present = os.listxattr(target, follow_symlinks=follow)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP) or wanted:
+                raise
+            present = []
+        for name in present:
+            if name not in wanted and not name.startswith("security."):
+                os.removexattr(target, name, follow_symlinks=follow)
     for name, value in xattrs:
         os.setxattr(target, name, value, follow_symlinks=follow)
 
 
-def _apply_meta_fd(fd: int, h: Header) -> None:
+def _inherits(dir_fd: int) -> bool:
+    """Whether entries created in this directory may get xattrs from it: a default ACL, or
+    any other name outside "security." (btrfs properties, NFSv4 ACLs...). Without one, a new
+    entry starts with no xattrs beyond the host's security labels."""
+    try:
+        names = os.listxattr(dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return False
+        raise
+    return any(not name.startswith("security.") for name in names)
+
+
+def _apply_meta_fd(fd: int, h: Header, *, fresh: bool = False) -> None:
     os.fchown(fd, h.uid, h.gid)
     os.fchmod(fd, h.mode)  # after chown: chown clears setuid/setgid
-    _set_xattrs(fd, h.xattrs)  # after chown: chown drops security.capability
+    if h.xattrs or not fresh:
+        _set_xattrs(fd, h.xattrs, fresh=fresh)  # after chown: chown drops security.capability
     os.utime(fd, ns=(h.mtime_ns, h.mtime_ns))
 
 
@@ -494,7 +699,12 @@ class Extractor:
     Digests of finished regular files go to `on_file`, or are queued for `drain_digests()`.
     After a resume, files finished after the checkpoint are reported again: keep the last
     digest per path. Hard links are not reported (their content is the first path's).
-    Memory: 16 bytes (plus set overhead) per regular file, for the hard-link check.
+    Memory does not grow with the number of entries: the paths of the regular files written
+    (for the hard-link check) are kept on disk in `state_dir`.
+
+    Entries are created with O_EXCL first: in a fresh volume nothing is in the way, and only
+    when something is (an incremental pass, a resume, a re-sent path) is it looked at and
+    removed, never followed.
     """
 
     def __init__(
@@ -525,10 +735,15 @@ class Extractor:
         self._buf = bytearray()
         self._need = BLOCK
         self._zero_blocks = 0
-        self._phase = "header"  # header | data | pad | end
+        self._phase = _HEADER
         self._entry: Header | None = None
         self._fd: int | None = None
+        self._created = False
+        """The open file was created empty by this object (not reopened after a resume)."""
+        self._fresh = False
+        """... and in a directory that passes no xattrs on (see `_inherits`)."""
         self._hasher = hashlib.sha256()
+        self._data_size = 0
         self._data_done = 0
         self._hash_pos = 0
         self._run = 0
@@ -536,9 +751,17 @@ class Extractor:
         self._pad_left = 0
         self._failed: ExtractError | None = None
         self._parent: tuple[bytes, int] | None = None
-        self._files: set[bytes] = set()
+        self._parent_inherits = True
+        self._index: PathIndex | None = None
+        self._indexed = 0  # bytes of the files journal in the index
+        self._journal_fd = -1  # for reading the files journal back into the index
+        self._recent: set[bytes] | None = None
+        """Paths journaled since the first hard link (and link targets found in the index), up
+        to `_RECENT_BYTES` (then restarted): a link to a recent file is answered from memory."""
+        self._recent_bytes = 0
         state = os.fsencode(state_dir)
         os.makedirs(state, mode=0o700, exist_ok=True)
+        self._index_path = os.path.join(state, _FILES_INDEX)
         self._root_fd = os.open(os.fsencode(root), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._dirs_log = open(os.path.join(state, _DIRS_LOG), "ab")  # noqa: SIM115 - closed by close()
         self._files_log = open(os.path.join(state, _FILES_LOG), "ab")  # noqa: SIM115
@@ -578,12 +801,12 @@ class Extractor:
 
     # -- public operations ----------------------------------------------------------------
 
-    def feed(self, data: bytes | memoryview) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Consume the next contiguous bytes of the stream, writing entries as they complete."""
         if self._failed is not None:
             raise ExtractError(f"extractor stopped after an error: {self._failed.detail}")
         try:
-            self._feed(memoryview(data).cast("B"))
+            self._feed(data if type(data) is bytes else bytes(data))
         except ExtractError as e:
             self._failed = e
             raise
@@ -623,7 +846,7 @@ class Extractor:
         """After the end-of-archive blocks: apply directory metadata, sync, return a summary."""
         if self._failed is not None:
             raise ExtractError(f"extractor stopped after an error: {self._failed.detail}")
-        if self._phase != "end":
+        if self._phase != _END:
             raise MalformedArchive(f"stream ended at offset {self.offset} before end-of-archive")
         self._dirs_log.flush()
         dirs = 0
@@ -653,12 +876,20 @@ class Extractor:
 
     def close(self) -> None:
         """Release file descriptors; uncommitted work is simply redone after a resume."""
-        for fd in (self._fd, self._parent[1] if self._parent else None, self._root_fd):
-            if fd is not None and fd >= 0:
-                os.close(fd)
-        self._fd, self._parent, self._root_fd = None, None, -1
-        self._dirs_log.close()
-        self._files_log.close()
+        try:
+            for fd in (self._fd, self._parent[1] if self._parent else None, self._root_fd):
+                if fd is not None and fd >= 0:
+                    os.close(fd)
+        finally:
+            self._fd, self._parent, self._root_fd = None, None, -1
+            self._dirs_log.close()
+            self._files_log.close()
+            if self._journal_fd >= 0:
+                os.close(self._journal_fd)
+                self._journal_fd = -1
+            if self._index is not None:
+                self._index.close()
+                self._index = None
 
     def __enter__(self) -> Extractor:
         return self
@@ -668,58 +899,105 @@ class Extractor:
 
     # -- stream state machine -------------------------------------------------------------
 
-    def _feed(self, mv: memoryview) -> None:
-        while mv:
-            if self._phase == "data":
-                n = min(len(mv), self._entry_data_left())
-                self._write(mv[:n])
+    def _feed(self, buf: bytes) -> None:
+        mv = memoryview(buf)
+        pos, end = 0, len(buf)
+        limits = self.limits
+        while pos < end:
+            phase = self._phase
+            if phase is _HEADER:
+                if self._buf:
+                    # A header sequence split across calls: gather exactly what it needs.
+                    n = min(end - pos, self._need - len(self._buf))
+                    self._buf += mv[pos : pos + n]
+                    pos += n
+                    self.offset += n
+                    if len(self._buf) < self._need:
+                        return
+                    parsed = parse_entry(bytes(self._buf), limits)
+                    if isinstance(parsed, int):
+                        self._need = parsed
+                        continue
+                    consumed, header = parsed
+                    assert consumed == len(self._buf), "parser consumed a partial buffer"
+                    self._buf.clear()
+                    self._need = BLOCK
+                    self._header(header, consumed)
+                    continue
+                parsed = _parse_headers(buf, pos, end, limits)
+                if isinstance(parsed, int):
+                    self._buf += mv[pos:end]
+                    self._need = parsed
+                    self.offset += end - pos
+                    return
+                after, header = parsed
+                self.offset += after - pos
+                consumed, pos = after - pos, after
+                if (
+                    header is not None
+                    and header.type is EntryType.FILE
+                    and _plain(header)
+                    and end - pos >= _padded(header.size)
+                    and not self._zero_blocks
+                ):
+                    # The common case: a whole plain file in this buffer, written in one go.
+                    pos = self._whole_file(header, mv, pos)
+                else:
+                    self._header(header, consumed)
+            elif phase is _DATA:
+                n = min(end - pos, self._data_size - self._data_done)
+                self._write(mv[pos : pos + n])
+                pos += n
                 self.offset += n
-                mv = mv[n:]
-                if self._entry_data_left() == 0:
-                    self._phase = "pad"
-            elif self._phase == "pad":
-                n = min(len(mv), self._pad_left)
+                if self._data_done == self._data_size:
+                    self._phase = _PAD
+                    if not self._pad_left:
+                        self._complete_file()
+            elif phase is _PAD:
+                n = min(end - pos, self._pad_left)
                 self._pad_left -= n
+                pos += n
                 self.offset += n
-                mv = mv[n:]
-            elif self._phase == "header":
-                n = min(len(mv), self._need - len(self._buf))
-                self._buf += mv[:n]
-                self.offset += n
-                mv = mv[n:]
-                if len(self._buf) >= self._need:
-                    self._parse()
+                if not self._pad_left:
+                    self._complete_file()
             else:
-                if bytes(mv).strip(b"\0"):
+                if buf.count(0, pos, end) != end - pos:
                     raise MalformedArchive(f"data after end-of-archive at offset {self.offset}")
-                self.offset += len(mv)
+                self.offset += end - pos
                 return
-            if self._phase == "pad" and self._pad_left == 0:
-                self._complete_file()
 
-    def _parse(self) -> None:
-        parsed = parse_entry(bytes(self._buf), self.limits)
-        if isinstance(parsed, int):
-            self._need = parsed
-            return
-        consumed, header = parsed
-        assert consumed == len(self._buf), "parser consumed a partial buffer"
-        self._buf.clear()
-        self._need = BLOCK
+    def _header(self, header: Header | None, consumed: int) -> None:
         if header is None:
             self._zero_blocks += 1
             if self._zero_blocks == 2:
-                self._phase = "end"
+                self._phase = _END
             return
         if self._zero_blocks:
             raise MalformedArchive(f"lone zero block before offset {self.offset - consumed}")
         self._start_entry(header)
 
-    def _entry_data_left(self) -> int:
-        assert self._entry is not None
-        return self._entry.data_size - self._data_done
-
     # -- entries ----------------------------------------------------------------------------
+
+    def _whole_file(self, h: Header, mv: memoryview, pos: int) -> int:
+        """Create, write and complete a plain file whose data (at `pos`) is all in `mv`;
+        returns the position after its padding."""
+        self._entry = h
+        self.entries_done += 1
+        fd = self._fd = self._create(h)
+        size = h.size
+        if size:
+            data = mv[pos : pos + size]
+            done = os.pwrite(fd, data, 0)
+            while done < size:
+                done += os.pwrite(fd, data[done:], done)
+            self._hasher = hashlib.sha256(data)
+            self.bytes_written += size
+        else:
+            self._hasher = hashlib.sha256()
+        end = pos + _padded(size)
+        self.offset += end - pos
+        self._close_file(h, fd, truncate=False)
+        return end
 
     def _start_entry(self, h: Header) -> None:
         self._entry = h
@@ -727,25 +1005,40 @@ class Extractor:
         if h.type is EntryType.DIR:
             if h.path != b".":
                 d, name = self._parent_of(h.path)
-                if not self._clear(d, name, keep_dir=True):
+                try:
                     os.mkdir(name, 0o700, dir_fd=d)
+                except FileExistsError:
+                    if not self._clear(d, name, keep_dir=True):
+                        os.mkdir(name, 0o700, dir_fd=d)
             line = json.dumps(h.to_json(), separators=(",", ":")).encode() + b"\n"
             self._dirs_log.write(line)
         elif h.hardlink_of is not None:
             self._link(h)
         elif h.type is EntryType.FILE:
-            d, name = self._parent_of(h.path)
-            self._clear(d, name, keep_dir=False)
-            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            self._fd = os.open(name, flags, 0o600, dir_fd=d)
+            self._fd = self._create(h)
             self._hasher = hashlib.sha256()
+            self._data_size = h.data_size
             self._data_done = self._hash_pos = self._run = self._run_off = 0
-            self._pad_left = _padded(h.data_size) - h.data_size
-            self._phase = "data" if h.data_size else "pad"  # _feed completes an empty one
+            self._pad_left = _padded(self._data_size) - self._data_size
+            self._phase = _DATA if self._data_size else _PAD
+            if not self._data_size and not self._pad_left:
+                self._complete_file()
             return
         else:
             self._make_special(h)
         self._entry = None
+
+    def _create(self, h: Header) -> int:
+        """A new, empty regular file at `h.path`, replacing what is there (not following it)."""
+        d, name = self._parent_of(h.path)
+        try:
+            fd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=d)
+        except FileExistsError:
+            self._clear(d, name, keep_dir=False)
+            fd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=d)
+        self._created = True
+        self._fresh = not self._parent_inherits
+        return fd
 
     def _write(self, mv: memoryview) -> None:
         assert self._entry is not None and self._fd is not None
@@ -777,12 +1070,23 @@ class Extractor:
         h, fd = self._entry, self._fd
         assert h is not None and fd is not None
         self._hash_zeros(h.size)
-        os.ftruncate(fd, h.size)  # the trailing hole of a sparse file stays a hole
-        _apply_meta_fd(fd, h)
-        os.close(fd)
+        # A plain file created here holds exactly its bytes; a sparse one gets its trailing
+        # hole only from the truncate, and a reopened one is truncated to be sure.
+        self._close_file(h, fd, truncate=not (self._created and _plain(h)))
+        self._data_size = self._data_done = self._hash_pos = self._run = self._run_off = 0
+        self._pad_left = 0
+        self._phase = _HEADER
+
+    def _close_file(self, h: Header, fd: int, *, truncate: bool) -> None:
+        if truncate:
+            os.ftruncate(fd, h.size)
+        _apply_meta_fd(fd, h, fresh=self._fresh)
         self._fd = None
-        self._files.add(self._file_id(h.path))
-        self._files_log.write(self._file_id(h.path))
+        os.close(fd)
+        path = h.path
+        self._files_log.write(len(path).to_bytes(4, "little") + path)
+        if self._recent is not None:
+            self._remember(path)
         digest = FileDigest(h.path, self._hasher.hexdigest(), h.size)
         if self._on_file is not None:
             self._on_file(digest)
@@ -790,14 +1094,13 @@ class Extractor:
             self._digests.append(digest)
         self.files_done += 1
         self._entry = None
-        self._data_done = self._hash_pos = self._run = self._run_off = self._pad_left = 0
-        self._phase = "header"
 
     def _link(self, h: Header) -> None:
         target = h.hardlink_of
         assert target is not None
-        known = self._file_id(target) in self._files
-        if target == b"." or target == h.path or not (known or self.allow_existing_links):
+        if target == b"." or target == h.path:
+            raise UnsafeLink(f"hard link target {target!r} is not an earlier file", h.path)
+        if not self.allow_existing_links and not self._written(target):
             raise UnsafeLink(f"hard link target {target!r} is not an earlier file", h.path)
         parts = target.split(b"/")
         src = self._walk(parts[:-1], create=False, path=target)
@@ -806,8 +1109,11 @@ class Extractor:
             if not stat.S_ISREG(st.st_mode):
                 raise UnsafeLink(f"hard link target {target!r} is no longer a file", h.path)
             d, name = self._parent_of(h.path)
-            self._clear(d, name, keep_dir=False)
-            os.link(parts[-1], name, src_dir_fd=src, dst_dir_fd=d, follow_symlinks=False)
+            try:
+                os.link(parts[-1], name, src_dir_fd=src, dst_dir_fd=d, follow_symlinks=False)
+            except FileExistsError:
+                self._clear(d, name, keep_dir=False)
+                os.link(parts[-1], name, src_dir_fd=src, dst_dir_fd=d, follow_symlinks=False)
         finally:
             os.close(src)
 
@@ -815,7 +1121,25 @@ class Extractor:
         if h.type in (EntryType.CHAR, EntryType.BLOCK) and not self.allow_devices:
             raise DeviceRefused("device nodes are not allowed for this transfer", h.path)
         d, name = self._parent_of(h.path)
-        self._clear(d, name, keep_dir=False)
+        try:
+            self._mknod(h, d, name)
+        except FileExistsError:
+            self._clear(d, name, keep_dir=False)
+            self._mknod(h, d, name)
+        os.chown(name, h.uid, h.gid, dir_fd=d, follow_symlinks=False)
+        if h.type is not EntryType.SYMLINK:  # Linux has no symlink modes
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
+            try:
+                os.chmod(b"/proc/self/fd/%d" % fd, h.mode)
+            finally:
+                os.close(fd)
+        fresh = not self._parent_inherits
+        if h.xattrs or not fresh:
+            _set_xattrs(_proc_path(d, name), h.xattrs, fresh=fresh)
+        os.utime(name, ns=(h.mtime_ns, h.mtime_ns), dir_fd=d, follow_symlinks=False)
+
+    @staticmethod
+    def _mknod(h: Header, d: int, name: bytes) -> None:
         if h.type is EntryType.SYMLINK:
             assert h.link_target is not None
             os.symlink(h.link_target, name, dir_fd=d)
@@ -824,15 +1148,6 @@ class Extractor:
         else:
             kind = stat.S_IFCHR if h.type is EntryType.CHAR else stat.S_IFBLK
             os.mknod(name, kind | 0o600, os.makedev(*h.rdev), dir_fd=d)
-        os.chown(name, h.uid, h.gid, dir_fd=d, follow_symlinks=False)
-        if h.type is not EntryType.SYMLINK:  # Linux has no symlink modes
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
-            try:
-                os.chmod(b"/proc/self/fd/%d" % fd, h.mode)
-            finally:
-                os.close(fd)
-        _set_xattrs(_proc_path(d, name), h.xattrs)
-        os.utime(name, ns=(h.mtime_ns, h.mtime_ns), dir_fd=d, follow_symlinks=False)
 
     def _apply_dir(self, h: Header) -> None:
         if h.path == b".":
@@ -847,11 +1162,36 @@ class Extractor:
         finally:
             os.close(fd)
 
-    # -- safe paths -------------------------------------------------------------------------
+    def _written(self, path: bytes) -> bool:
+        """Whether this stream wrote a regular file at `path`: in the files journal, looked up
+        through the recent paths, else an index on disk brought up to date first. Only hard
+        links ask, so a stream without any never builds either."""
+        if self._recent is None:
+            self._recent = set()
+        elif path in self._recent:
+            return True
+        self._files_log.flush()
+        end = self._files_log.tell()
+        if self._index is None:
+            self._index, self._indexed = PathIndex(self._index_path), 0
+            self._journal_fd = os.open(self._files_log.name, os.O_RDONLY | os.O_CLOEXEC)
+        if self._indexed < end:
+            self._index.add(_journal_paths(self._journal_fd, self._indexed, end))
+            self._indexed = end
+        if path not in self._index:
+            return False
+        self._remember(path)  # more links to it are likely: the next ones are answered here
+        return True
 
-    @staticmethod
-    def _file_id(path: bytes) -> bytes:
-        return hashlib.blake2b(path, digest_size=_FILE_ID).digest()
+    def _remember(self, path: bytes) -> None:
+        assert self._recent is not None
+        self._recent.add(path)
+        self._recent_bytes += len(path) + _RECENT_OVERHEAD
+        if self._recent_bytes > _RECENT_BYTES:
+            self._recent.clear()
+            self._recent_bytes = 0
+
+    # -- safe paths -------------------------------------------------------------------------
 
     def _walk(self, parts: list[bytes], *, create: bool, path: bytes) -> int:
         """An fd (owned by the caller) of the directory `parts` below the root, reached one
@@ -882,16 +1222,24 @@ class Extractor:
     def _parent_of(self, path: bytes) -> tuple[int, bytes]:
         """(fd of the parent directory, last component); the fd is cached, do not close it."""
         parent, _, name = path.rpartition(b"/")
-        if self._parent is None or self._parent[0] != parent:
+        cached = self._parent
+        if cached is not None and cached[0] == parent:
+            return cached[1], name
+        self._drop_parent()
+        fd = self._walk(parent.split(b"/") if parent else [], create=True, path=path)
+        self._parent = (parent, fd)
+        try:
+            self._parent_inherits = _inherits(fd)
+        except BaseException:
             self._drop_parent()
-            fd = self._walk(parent.split(b"/") if parent else [], create=True, path=path)
-            self._parent = (parent, fd)
-        return self._parent[1], name
+            raise
+        return fd, name
 
     def _drop_parent(self) -> None:
         if self._parent is not None:
             os.close(self._parent[1])
             self._parent = None
+            self._parent_inherits = True
 
     def _clear(self, dir_fd: int, name: bytes, *, keep_dir: bool) -> bool:
         """Remove what is at `name` (never following it); True if it is a directory kept."""
@@ -917,7 +1265,7 @@ class Extractor:
             self.offset = int(cp["offset"])
             self._buf = bytearray(_unb64(cp["pending"]))
             self._zero_blocks = int(cp["zero_blocks"])
-            self._phase = str(cp["phase"])
+            phase = str(cp["phase"])
             self._entry = None if cp["entry"] is None else Header.from_json(cp["entry"])
             self._data_done = int(cp["data_done"])
             self._hash_pos = int(cp["hash_pos"])
@@ -936,18 +1284,18 @@ class Extractor:
                 safe = False
             if not safe:
                 raise BadCheckpoint("checkpoint entry has an unsafe path", self._entry.path)
-        if self._phase not in ("header", "data", "pad", "end") or (
-            self._phase in ("data", "pad") and self._entry is None
-        ):
-            raise BadCheckpoint(f"inconsistent checkpoint phase {self._phase!r}")
+        self._phase = _PHASES.get(phase, "")
+        if not self._phase or (self._phase in (_DATA, _PAD) and self._entry is None):
+            raise BadCheckpoint(f"inconsistent checkpoint phase {phase!r}")
+        if self._entry is not None:
+            self._data_size = self._entry.data_size
+            if self._data_done > self._data_size or self._hash_pos > self._entry.size:
+                raise BadCheckpoint("checkpoint position is past the entry's data")
         for log, length in ((self._dirs_log, dirs_len), (self._files_log, files_len)):
             if os.fstat(log.fileno()).st_size < length:
                 raise BadCheckpoint(f"journal {log.name!r} is shorter than its checkpoint")
             log.truncate(length)
             log.seek(0, os.SEEK_END)
-        with open(self._files_log.name, "rb") as f:
-            while ident := f.read(_FILE_ID):
-                self._files.add(ident)
         if self._buf:
             self._need = len(self._buf)
             self._parse_pending()
@@ -969,6 +1317,7 @@ class Extractor:
         except FileNotFoundError as e:
             raise BadCheckpoint("the file in progress vanished from the volume", h.path) from e
         self._fd = fd
+        self._created = self._fresh = False
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise BadCheckpoint("the entry in progress is no longer a regular file", h.path)
         self._hasher = hashlib.sha256()

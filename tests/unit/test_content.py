@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agents.content import ContentDB
+from agents.content import ContentDB, PathIndex
 from agents.extract import FileDigest
 
 
@@ -24,3 +24,18 @@ def test_forget_removes_a_path_and_its_subtree_only(tmp_path: Path) -> None:
     db.forget(b"a")
     assert [p for p in (b"a", b"a/x", b"a/y/z", b"a.b", b"ab") if db.lookup(p)] == [b"a.b", b"ab"]
     db.close()
+
+
+def test_path_index_is_a_throwaway_set_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "index.db"
+    path.write_bytes(b"not a database: replaced on open")
+    index = PathIndex(path)
+    index.add(b"d/f%d" % i for i in range(5000))
+    index.add([b"d/f1", b"caf\xe9", b"a\nb"])
+    assert b"d/f4999" in index and b"caf\xe9" in index and b"a\nb" in index
+    assert b"d/f5000" not in index and b"d" not in index
+    index.close()
+    assert list(tmp_path.iterdir()) == []
+    again = PathIndex(path)
+    assert b"d/f1" not in again
+    again.close()
