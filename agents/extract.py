@@ -60,19 +60,22 @@ import errno
 import hashlib
 import json
 import os
+import re
 import stat
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from agents.content import PathIndex
 from agents.errors import AgentError
 from agents.manifest import EntryType
+from agents.tarstream import PATCH_KEY
 
 BLOCK = 512
 CHECKPOINT_VERSION = 2
 _ZERO_BLOCK = bytes(BLOCK)
+_SHA256_HEX = re.compile(rb"[0-9a-f]{64}")
 _ZEROS = bytes(1 << 20)  # holes are hashed from this buffer, 1 MiB per update call
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -165,6 +168,9 @@ class Header:
     hardlink_of: bytes | None = None
     xattrs: tuple[tuple[str, bytes], ...] = ()
     rdev: tuple[int, int] = (0, 0)
+    patch_sha256: str | None = None
+    """A patch (docs/tar-format.md): the runs go into the target's existing copy, the bytes
+    between them are kept, and this is the SHA-256 of the whole file as the source read it."""
 
     @property
     def data_size(self) -> int:
@@ -184,6 +190,7 @@ class Header:
             "hardlink_of": None if self.hardlink_of is None else _b64(self.hardlink_of),
             "xattrs": [[k, _b64(v)] for k, v in self.xattrs],
             "rdev": list(self.rdev),
+            "patch_sha256": self.patch_sha256,
         }
 
     @classmethod
@@ -202,6 +209,7 @@ class Header:
             hardlink_of=None if hl is None else _unb64(hl),
             xattrs=tuple((str(k), _unb64(v)) for k, v in doc["xattrs"]),
             rdev=(int(doc["rdev"][0]), int(doc["rdev"][1])),
+            patch_sha256=doc.get("patch_sha256"),
         )
 
 
@@ -490,6 +498,9 @@ def _build_header(
         raise MalformedArchive(f"{kind.value} entry declares {size} data bytes", path)
     if path == b"." and kind is not EntryType.DIR:
         raise UnsafeEntry(f"the root entry is a {kind.value}, not a directory", path)
+    patch = pax.get(PATCH_KEY) if others else None
+    if patch is not None and not (sparse and _SHA256_HEX.fullmatch(patch)):
+        raise MalformedArchive("a patch is a sparse entry with a SHA-256 in hex", path)
     if kind is EntryType.FILE and flag != _HARDLINK_FLAG:
         return (
             Header(
@@ -504,6 +515,7 @@ def _build_header(
                 None,
                 None,
                 tuple(xattrs),
+                patch_sha256=None if patch is None else patch.decode("ascii"),
             ),
             size,
             realsize,
@@ -594,9 +606,29 @@ def parse_entry(buf: bytes, limits: Limits) -> tuple[int, Header | None] | int:
 
 
 def _plain(h: Header) -> bool:
-    """A regular file whose data is all of it, from offset 0 (not a hard link, no holes)."""
+    """A regular file whose data is all of it, from offset 0 (not a hard link, no holes; a
+    patch that changes every byte is a plain file too)."""
     runs = h.runs
     return len(runs) == 1 and runs[0][0] == 0 and runs[0][1] == h.size
+
+
+class _Hasher(Protocol):
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+class _Known:
+    """The digest of a patched file: given by the source, not computed from the runs."""
+
+    def __init__(self, hexdigest: str) -> None:
+        self._hexdigest = hexdigest
+
+    def update(self, _data: object) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return self._hexdigest
 
 
 def _journal_paths(fd: int, start: int, end: int) -> Iterator[bytes]:
@@ -742,7 +774,7 @@ class Extractor:
         """The open file was created empty by this object (not reopened after a resume)."""
         self._fresh = False
         """... and in a directory that passes no xattrs on (see `_inherits`)."""
-        self._hasher = hashlib.sha256()
+        self._hasher: _Hasher = hashlib.sha256()
         self._data_size = 0
         self._data_done = 0
         self._hash_pos = 0
@@ -1015,8 +1047,12 @@ class Extractor:
         elif h.hardlink_of is not None:
             self._link(h)
         elif h.type is EntryType.FILE:
-            self._fd = self._create(h)
-            self._hasher = hashlib.sha256()
+            if h.patch_sha256 is not None and not _plain(h):
+                self._fd = self._open_patched(h)
+                self._hasher = _Known(h.patch_sha256)
+            else:
+                self._fd = self._create(h)
+                self._hasher = hashlib.sha256()
             self._data_size = h.data_size
             self._data_done = self._hash_pos = self._run = self._run_off = 0
             self._pad_left = _padded(self._data_size) - self._data_size
@@ -1038,6 +1074,26 @@ class Extractor:
             fd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=d)
         self._created = True
         self._fresh = not self._parent_inherits
+        return fd
+
+    def _open_patched(self, h: Header) -> int:
+        """The target's own copy of a file a patch applies to: a regular file with one link,
+        opened for writing in place, never followed."""
+        d, name = self._parent_of(h.path)
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(name, flags, dir_fd=d)
+        except FileNotFoundError as e:
+            raise UnsafeEntry("a patch for a file the target does not have", h.path) from e
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                raise
+            raise UnsafeEntry("a patch for something that is not a regular file", h.path) from e
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise UnsafeEntry("a patch for something that is not a single-link file", h.path)
+        self._created = self._fresh = False
         return fd
 
     def _write(self, mv: memoryview) -> None:
@@ -1320,6 +1376,17 @@ class Extractor:
         self._created = self._fresh = False
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise BadCheckpoint("the entry in progress is no longer a regular file", h.path)
+        if h.patch_sha256 is not None and not _plain(h):
+            self._hasher = _Known(h.patch_sha256)
+        else:
+            self._rehash(fd)
+        run, left = 0, self._data_done
+        while run < len(h.runs) and left >= h.runs[run][1]:
+            left -= h.runs[run][1]
+            run += 1
+        self._run, self._run_off = run, left  # run == len(runs) once all data is written
+
+    def _rehash(self, fd: int) -> None:
         self._hasher = hashlib.sha256()
         done = 0
         while done < self._hash_pos:
@@ -1330,8 +1397,3 @@ class Extractor:
                 continue
             self._hasher.update(chunk)
             done += len(chunk)
-        run, left = 0, self._data_done
-        while run < len(h.runs) and left >= h.runs[run][1]:
-            left -= h.runs[run][1]
-            run += 1
-        self._run, self._run_off = run, left  # run == len(runs) once all data is written

@@ -13,7 +13,9 @@ needs no index of either side):
 * a target entry the source no longer has is deleted (never following symlinks).
 
 The selection (paths in manifest order, one JSON string per line) is the body of the source's
-filtered stream (`POST /v1/volumes/{name}/stream`), where `select` joins it with the walk.
+filtered stream (`POST /v1/volumes/{name}/stream`), where `select` joins it with the walk. A
+selected large file the target already has carries the target's block digests (a `Base`, see
+agents/delta.py), so the source sends only the blocks that differ.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from pathlib import Path
 
 import aiohttp
 
+from agents.delta import Base, BaseError, block_size_for, describe, worth_a_patch
 from agents.manifest import ROOT, Entry, EntryType, decode_path, encode_path, entry_from_json, walk
+from agents.tarstream import VolumeFiles
 
 # Timestamps of a change can lag the change by a clock tick (4 ms at HZ=250) and the two hosts'
 # clocks are not compared at all (the window uses the source's own clock from the hello); two
@@ -102,7 +106,58 @@ def plan(
 ) -> Iterator[bytes]:
     """Join the source manifest with the target's tree; delete target extras as they are met,
     and yield the paths to send, in manifest order. Blocking."""
+    for path, _ in plan_with_bases(
+        source, target_root, window_start_ns=window_start_ns, on_delete=on_delete, deltas=False
+    ):
+        yield path
+
+
+def _patchable(src: Entry, dst: Entry) -> bool:
+    """A file the source can send as a block delta against the target's copy."""
+    return (
+        src.type is EntryType.FILE
+        and dst.type is EntryType.FILE
+        and src.hardlink_of is None
+        and src.nlink == 1
+        and dst.nlink == 1
+        and src.data_segments is None
+        and worth_a_patch(src.size, dst.size)
+    )
+
+
+def _base(files: VolumeFiles, src: Entry, dst: Entry) -> Base | None:
+    fd = files.open(dst.path)
+    if fd is None:
+        return None
+    try:
+        return describe(fd, dst.size, block_size_for(max(src.size, dst.size)))
+    finally:
+        os.close(fd)
+
+
+def plan_with_bases(
+    source: Iterable[Entry],
+    target_root: str | bytes,
+    *,
+    window_start_ns: int | None,
+    on_delete: OnDelete | None = None,
+    deltas: bool = True,
+) -> Iterator[tuple[bytes, Base | None]]:
+    """`plan`, and for each selected large file the target already has, the base of the
+    target's copy (agents/delta.py), so the source sends only the blocks that differ."""
     root = os.fsencode(target_root)
+    with VolumeFiles(root) as files:
+        yield from _plan(source, root, files, window_start_ns, on_delete, deltas)
+
+
+def _plan(
+    source: Iterable[Entry],
+    root: bytes,
+    files: VolumeFiles,
+    window_start_ns: int | None,
+    on_delete: OnDelete | None,
+    deltas: bool,
+) -> Iterator[tuple[bytes, Base | None]]:
     target = walk(root)
     dst = next(target, None)
     selected_inodes: set[bytes] = set()
@@ -123,7 +178,9 @@ def plan(
         if chosen:
             if src.type is EntryType.FILE and src.nlink > 1 and src.hardlink_of is None:
                 selected_inodes.add(src.path)
-            yield src.path
+            patchable = deltas and same is not None and _patchable(src, same)
+            base = _base(files, src, same) if patchable and same is not None else None
+            yield src.path, base
     while dst is not None:
         if dst.path != ROOT:
             _remove(root, dst.path, on_delete)
@@ -143,22 +200,46 @@ def select(entries: Iterable[Entry], selection: list[bytes]) -> Iterator[Entry]:
 
 
 def parse_selection(body: bytes) -> list[bytes]:
-    """A selection body: one JSON string (a wire path) per line, in manifest order."""
+    """The paths of a selection body (see `parse_selection_with_bases`)."""
+    return parse_selection_with_bases(body)[0]
+
+
+def selection_line(path: bytes, base: Base | None) -> bytes:
+    value: object = decode_path(path)
+    if base is not None:
+        value = {"path": value, "base": base.to_json()}
+    return json.dumps(value).encode() + b"\n"
+
+
+def parse_selection_with_bases(body: bytes) -> tuple[list[bytes], dict[bytes, Base]]:
+    """A selection body: one line per path, in manifest order; a line is the wire path as a
+    JSON string, or an object `{"path": ..., "base": ...}` for a file the target describes
+    block by block (agents/delta.py). Raises ValueError."""
     paths = []
+    bases: dict[bytes, Base] = {}
     previous: tuple[bytes, ...] | None = None
     for n, line in enumerate(body.splitlines(), 1):
         if not line.strip():
             continue
         value = json.loads(line)
+        base = None
+        if isinstance(value, dict):
+            try:
+                base = Base.from_json(value.get("base"))
+            except BaseError as e:
+                raise ValueError(f"line {n}: {e}") from e
+            value = value.get("path")
         if not isinstance(value, str):
             raise ValueError(f"line {n}: not a JSON string")
         path = encode_path(value)
+        if base is not None:
+            bases[path] = base
         key = order_key(path)
         if previous is not None and key <= previous:
             raise ValueError(f"line {n}: paths are not in manifest order")
         previous = key
         paths.append(path)
-    return paths
+    return paths, bases
 
 
 async def fetch_manifest(session: aiohttp.ClientSession, url: str, token: str, dest: Path) -> None:
@@ -215,13 +296,13 @@ async def plan_incremental_pass(
     def run() -> int:
         count = 0
         with open(selection_path, "wb") as out:
-            for path in plan(
+            for path, base in plan_with_bases(
                 read_manifest(manifest),
                 target_root,
                 window_start_ns=window_start_ns,
                 on_delete=on_delete,
             ):
-                out.write(json.dumps(decode_path(path)).encode() + b"\n")
+                out.write(selection_line(path, base))
                 count += 1
         manifest.unlink()
         return count

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from agents.delta import Patch
+
 ROOT = b"."
 
 
@@ -82,6 +84,9 @@ class Entry:
     """For a sparse regular file: the (offset, length) runs that hold data; None if not sparse."""
     rdev_major: int = 0
     rdev_minor: int = 0
+    patch: Patch | None = None
+    """Only in the stream of an incremental pass, for a large file the target already has: the
+    runs that differ from the target's copy (see agents/delta.py). Never set by `walk`."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
@@ -93,6 +98,8 @@ class Entry:
         """Bytes that carry data: the size, or only the data runs of a sparse file."""
         if self.type is not EntryType.FILE or self.hardlink_of is not None:
             return 0
+        if self.patch is not None:
+            return self.patch.data_size
         if self.data_segments is None:
             return self.size
         return sum(length for _, length in self.data_segments)
@@ -135,6 +142,8 @@ def entry_to_json(entry: Entry) -> dict[str, Any]:
     }
     if entry.type in (EntryType.CHAR, EntryType.BLOCK):
         doc["rdev"] = [entry.rdev_major, entry.rdev_minor]
+    if entry.patch is not None:
+        doc["patch"] = entry.patch.to_json()
     return doc
 
 
@@ -161,6 +170,7 @@ def entry_from_json(doc: dict[str, Any]) -> Entry:
         data_segments=None if segments is None else tuple((int(o), int(n)) for o, n in segments),
         rdev_major=int(rdev[0]),
         rdev_minor=int(rdev[1]),
+        patch=None if doc.get("patch") is None else Patch.from_json(doc["patch"]),
     )
 
 

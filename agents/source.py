@@ -12,6 +12,7 @@ Blocking (file I/O, hashing, compression): run everything here off the event loo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agents import tarstream
+from agents.delta import Base, diff
 from agents.frames import FrameEncoder, next_chunk_length
 from agents.incremental import select
-from agents.manifest import Entry, Totals, entry_from_json, entry_to_json, walk
+from agents.manifest import Entry, EntryType, Totals, entry_from_json, entry_to_json, walk
+from agents.tarstream import VolumeFiles
 
 STREAM_ID_PREFIX = "m1-"
 STREAM_ID_RE = re.compile(r"m1-[0-9a-f]{32}")
@@ -89,10 +92,47 @@ class StreamIdentity:
         return read_snapshot(self.snapshot)
 
 
-def stream_entries(root: str | bytes, selection: list[bytes] | None) -> Iterator[Entry]:
-    """The entries a stream carries: the whole walk, or only the selected paths."""
+def stream_entries(
+    root: str | bytes, selection: list[bytes] | None, bases: dict[bytes, Base] | None = None
+) -> Iterator[Entry]:
+    """The entries a stream carries: the whole walk, or only the selected paths; a selected
+    file the target described block by block becomes a patch (agents/delta.py)."""
     entries = walk(root)
-    return entries if selection is None else select(entries, selection)
+    if selection is None:
+        return entries
+    selected = select(entries, selection)
+    return with_patches(root, selected, bases) if bases else selected
+
+
+def with_patches(
+    root: str | bytes, entries: Iterable[Entry], bases: dict[bytes, Base]
+) -> Iterator[Entry]:
+    """Read each file that has a base and compare it block by block: the entry then carries
+    only the runs that differ. Reads happen while the stream is named, so its layout is fixed
+    before any byte of it goes out (a file changed after this is reported dirty as usual)."""
+    with VolumeFiles(root) as files:
+        for entry in entries:
+            base = bases.get(entry.path)
+            if base is None or not _patchable(entry):
+                yield entry
+                continue
+            fd = files.open(entry.path)
+            if fd is None:  # gone since the walk: the stream reports it dirty
+                yield entry
+                continue
+            try:
+                yield dataclasses.replace(entry, patch=diff(fd, entry.size, base))
+            finally:
+                os.close(fd)
+
+
+def _patchable(entry: Entry) -> bool:
+    return (
+        entry.type is EntryType.FILE
+        and entry.hardlink_of is None
+        and entry.nlink == 1
+        and entry.data_segments is None
+    )
 
 
 def identify(root: str | bytes, selection: list[bytes] | None = None) -> StreamIdentity:
@@ -123,13 +163,18 @@ class Snapshots:
     def path(self, stream_id: str) -> Path:
         return self.directory / f"{stream_id}.ndjson"
 
-    def take(self, root: str | bytes, selection: list[bytes] | None) -> StreamIdentity:
+    def take(
+        self,
+        root: str | bytes,
+        selection: list[bytes] | None,
+        bases: dict[bytes, Base] | None = None,
+    ) -> StreamIdentity:
         """Walk the volume, write its manifest, name the stream. Blocking."""
         self.directory.mkdir(parents=True, exist_ok=True)
         hasher = StreamHasher(selection)
         tmp = self.directory / f".walk-{os.getpid()}-{threading.get_ident()}.tmp"
         with open(tmp, "wb") as f:
-            for entry in stream_entries(root, selection):
+            for entry in stream_entries(root, selection, bases):
                 hasher.add(entry)
                 f.write(json.dumps(entry_to_json(entry), separators=(",", ":")).encode())
                 f.write(b"\n")

@@ -14,6 +14,7 @@ import time
 from aiohttp import web
 
 from agents.appkeys import SETTINGS
+from agents.delta import Base
 from agents.errors import (
     InvalidRequest,
     RequestTooLarge,
@@ -28,7 +29,7 @@ from agents.frames import (
     FrameEncoder,
     check_chunk_size,
 )
-from agents.incremental import parse_selection
+from agents.incremental import parse_selection_with_bases
 from agents.source import FrameProducer, Snapshots
 from agents.transfer_token import TokenExpired, TokenInvalid, verify_transfer_token
 from agents.views import readable_volume
@@ -68,8 +69,9 @@ def check_transfer_token(request: web.Request, volume: str) -> str:
     return claims.transfer_id
 
 
-async def read_selection(request: web.Request) -> list[bytes] | None:
-    """The body of a filtered stream (`POST`): paths in manifest order, one JSON string each."""
+async def read_selection(request: web.Request) -> tuple[list[bytes], dict[bytes, Base]] | None:
+    """The body of a filtered stream (`POST`): paths in manifest order, one per line, some
+    with the target's base for a block delta (see agents/incremental.py)."""
     if request.method != "POST":
         return None
     body = bytearray()
@@ -78,7 +80,7 @@ async def read_selection(request: web.Request) -> list[bytes] | None:
         if len(body) > MAX_SELECTION_BYTES:
             raise RequestTooLarge(f"selection over {MAX_SELECTION_BYTES} bytes")
     try:
-        return parse_selection(bytes(body))
+        return parse_selection_with_bases(bytes(body))
     except ValueError as e:
         raise InvalidRequest(f"invalid selection: {e}") from e
 
@@ -86,7 +88,8 @@ async def read_selection(request: web.Request) -> list[bytes] | None:
 async def get_stream(request: web.Request) -> web.StreamResponse:
     name = check_volume_name(request.match_info["name"])
     transfer_id = check_transfer_token(request, name)
-    selection = await read_selection(request)
+    selected = await read_selection(request)
+    selection, bases = (None, None) if selected is None else selected
     offset = _int_param(request, "offset", 0) or 0
     stream_id = request.query.get("stream_id") or None
     try:
@@ -108,7 +111,7 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
     if stream_id is not None:
         identity = await asyncio.to_thread(snapshots.find, stream_id)
     if identity is None:
-        identity = await asyncio.to_thread(snapshots.take, info.mountpoint, selection)
+        identity = await asyncio.to_thread(snapshots.take, info.mountpoint, selection, bases)
         if stream_id is not None and stream_id != identity.stream_id:
             raise StreamChanged(
                 f"volume {name!r} changed since stream {stream_id}",

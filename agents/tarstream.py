@@ -26,6 +26,9 @@ TRAILER = bytes(2 * BLOCK_SIZE)
 """The end-of-archive marker: two zero blocks."""
 
 READ_SIZE = 1 << 20
+PATCH_KEY = b"VOLUMEMIGRATOR.patch"
+"""Pax key of a patch (agents/delta.py): its value is the SHA-256 of the patched file's whole
+content; the sparse map's runs are the bytes that differ, and the gaps keep the target's bytes."""
 """Default read and yield size. Generating a cached 512 MiB file ran at 1.80/1.84/1.89/1.84
 GB/s with 64 KiB/256 KiB/1 MiB/4 MiB reads (SHA-256 bound); 1 MiB is the fastest, is one
 thread hop per MiB, and keeps memory at a few MiB."""
@@ -135,7 +138,8 @@ def _has_data(entry: Entry) -> bool:
 
 
 def _is_sparse(entry: Entry) -> bool:
-    return _has_data(entry) and entry.data_segments is not None
+    """Written in the sparse format: a sparse file, or a patch (its runs are the map's)."""
+    return _has_data(entry) and (entry.data_segments is not None or entry.patch is not None)
 
 
 def _layout(entry: Entry) -> _Layout:
@@ -143,7 +147,10 @@ def _layout(entry: Entry) -> _Layout:
         return _Layout(b"", b"", (), 0)
     sparse_map = b""
     runs: tuple[tuple[int, int], ...] = ()
-    if _has_data(entry) and entry.data_segments is not None:
+    if _has_data(entry) and entry.patch is not None:
+        runs = entry.patch.runs
+        sparse_map = _sparse_map(entry.size, runs)
+    elif _has_data(entry) and entry.data_segments is not None:
         runs = entry.data_segments
         sparse_map = _sparse_map(entry.size, runs)
     elif _has_data(entry) and entry.size:
@@ -205,6 +212,8 @@ def _pax_records(entry: Entry, name: bytes, link: bytes, data_size: int) -> byte
             (b"GNU.sparse.name", name),
             (b"GNU.sparse.realsize", b"%d" % entry.size),
         ]
+        if entry.patch is not None:
+            names.append((PATCH_KEY, entry.patch.sha256.encode("ascii")))
     elif _needs_pax_name(name):
         names.append((b"path", name))
     if _needs_pax_name(link):
@@ -405,7 +414,8 @@ def _emit_entry(
     if not _has_data(entry):
         return EntryReport(entry, offset, None, False, skipped=entry.type is EntryType.SOCKET)
     data_skip = max(0, skip - len(header))
-    hasher = hashlib.sha256() if data_skip == 0 else None
+    # A patch carries part of the file: its digest (of the whole) was taken when it was made.
+    hasher = hashlib.sha256() if data_skip == 0 and entry.patch is None else None
     if data_skip < len(layout.sparse_map):
         yield from chunker.push(layout.sparse_map[data_skip:])
     run_skip = max(0, data_skip - len(layout.sparse_map))
@@ -502,6 +512,31 @@ class _FileSource:
             self._fd = None if dir_fd is None else _open_regular(dir_fd, self._name)
             self.short = self._fd is None
         return self._fd
+
+
+class VolumeFiles:
+    """Opens regular files under a root for reading as the stream does: every parent one
+    component at a time with O_NOFOLLOW, never a symlink, a FIFO or a device. Use as a context
+    manager; files are best asked for in manifest order (the last directory stays open)."""
+
+    def __init__(self, root: str | bytes) -> None:
+        self._parents = _ParentDirs(os.fsencode(root))
+
+    def open(self, path: bytes) -> int | None:
+        """A read descriptor of regular file `path` (the caller closes it), or None when it is
+        gone or not a regular file."""
+        directory, name = os.path.split(path)
+        dir_fd = self._parents.open(directory)
+        return None if dir_fd is None else _open_regular(dir_fd, name)
+
+    def close(self) -> None:
+        self._parents.close()
+
+    def __enter__(self) -> VolumeFiles:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 class _ParentDirs:

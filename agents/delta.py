@@ -1,0 +1,164 @@
+"""Block deltas: an incremental pass sends only the blocks of a large file that differ.
+
+A database rewrites a few pages of a large file all the time, so in a live copy the same large
+files change in every pass, and re-sending them whole keeps every pass (and the final one,
+during the downtime) as long as the first. Instead, when an incremental pass selects a large
+regular file that the target already has, the target describes its copy: a block size and the
+SHA-256 of each block, cut to 16 bytes (a `Base`). The source reads its file, compares block
+by block, and streams a *patch*: the runs of blocks that differ (a block past the end of the
+target's copy always differs), the file's size, and the SHA-256 of its whole content. The
+target writes the runs into its copy in place, truncates it to the size, and records the
+source's SHA-256 as the file's content digest, so verification checks the patched file end
+to end against the bytes the source read.
+
+Blocking (reads and hashing); run it off the event loop. Memory: one block at a time, plus the
+digests (16 bytes a block, at most `MAX_BLOCKS` blocks a file).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+# Smaller files are sent whole: a few reads and a header cost more than the patch saves.
+MIN_DELTA_SIZE = 1 << 20
+MIN_BLOCK_SIZE = 8 << 10
+"""A database page: the unit in which PostgreSQL (8 KiB) and most engines rewrite files."""
+MAX_BLOCK_SIZE = 64 << 20
+TARGET_BLOCKS = 1 << 16
+"""Blocks a file is cut into at most, before the block size grows (1 MiB of digests)."""
+MAX_BLOCKS = 1 << 20
+"""The most digests a source accepts for one file (16 MiB of them)."""
+DIGEST_SIZE = 16
+READ_SIZE = 1 << 20
+
+
+class BaseError(ValueError):
+    """A base that does not describe a file (in a request body: 400)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Base:
+    """The target's copy of one file, block by block."""
+
+    block_size: int
+    digests: bytes
+    """SHA-256 of each block (the last may be short), cut to DIGEST_SIZE bytes, concatenated."""
+
+    @property
+    def blocks(self) -> int:
+        return len(self.digests) // DIGEST_SIZE
+
+    def digest(self, index: int) -> bytes:
+        return self.digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "block_size": self.block_size,
+            "digests": base64.b64encode(self.digests).decode("ascii"),
+        }
+
+    @classmethod
+    def from_json(cls, doc: object) -> Base:
+        if not isinstance(doc, dict):
+            raise BaseError("base: not an object")
+        size, digests = doc.get("block_size"), doc.get("digests")
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise BaseError("base: block_size must be an integer")
+        if not MIN_BLOCK_SIZE <= size <= MAX_BLOCK_SIZE:
+            raise BaseError(f"base: block_size {size} outside {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}")
+        if not isinstance(digests, str):
+            raise BaseError("base: digests must be a base64 string")
+        try:
+            raw = base64.b64decode(digests, validate=True)
+        except ValueError as e:
+            raise BaseError(f"base: digests are not base64: {e}") from e
+        if len(raw) % DIGEST_SIZE or len(raw) // DIGEST_SIZE > MAX_BLOCKS:
+            raise BaseError(f"base: digests must be at most {MAX_BLOCKS} x {DIGEST_SIZE} bytes")
+        return cls(size, raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Patch:
+    """What a stream carries for a file it patches (see the module docstring)."""
+
+    runs: tuple[tuple[int, int], ...]
+    """(offset, length) of the differing bytes, in order, within the file's size."""
+    sha256: str
+    """Of the file's whole content as the source read it."""
+
+    @property
+    def data_size(self) -> int:
+        return sum(length for _, length in self.runs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"runs": [list(run) for run in self.runs], "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Patch:
+        return cls(tuple((int(o), int(n)) for o, n in doc["runs"]), str(doc["sha256"]))
+
+
+def block_size_for(size: int) -> int:
+    """The block size a file of `size` bytes is compared in: a page, or larger for a file of
+    more than TARGET_BLOCKS pages (a power of two)."""
+    block = MIN_BLOCK_SIZE
+    while block < MAX_BLOCK_SIZE and block * TARGET_BLOCKS < size:
+        block *= 2
+    return block
+
+
+def worth_a_patch(source_size: int, target_size: int) -> bool:
+    return source_size >= MIN_DELTA_SIZE and target_size >= MIN_DELTA_SIZE
+
+
+def _read_blocks(fd: int, size: int, block_size: int) -> Any:
+    """Yield the file's blocks (the last one short), reading about READ_SIZE at a time."""
+    per_read = max(1, READ_SIZE // block_size) * block_size
+    offset = 0
+    while offset < size:
+        data = os.pread(fd, min(per_read, size - offset), offset)
+        if not data:
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), block_size):
+            yield view[start : start + block_size]
+        offset += len(data)
+
+
+def describe(fd: int, size: int, block_size: int | None = None) -> Base:
+    """The target side: the base of the first `size` bytes of an open file."""
+    block = block_size or block_size_for(size)
+    sha = hashlib.sha256
+    digests = b"".join(sha(b).digest()[:DIGEST_SIZE] for b in _read_blocks(fd, size, block))
+    return Base(block, digests)
+
+
+def diff(fd: int, size: int, base: Base) -> Patch:
+    """The source side: read `size` bytes of an open file, compare them with `base`, and
+    return the runs that differ and the SHA-256 of the whole. Bytes missing at the end (the
+    file shrank since it was listed) are sent as zeros; the stream reports the file dirty."""
+    whole = hashlib.sha256()
+    sha = hashlib.sha256
+    block = base.block_size
+    runs: list[tuple[int, int]] = []
+    offset = 0
+    for index, data in enumerate(_read_blocks(fd, size, block)):
+        whole.update(data)
+        if index >= base.blocks or sha(data).digest()[:DIGEST_SIZE] != base.digest(index):
+            if runs and runs[-1][0] + runs[-1][1] == offset:
+                runs[-1] = (runs[-1][0], runs[-1][1] + len(data))
+            else:
+                runs.append((offset, len(data)))
+        offset += len(data)
+    if offset < size:  # shorter than listed: the rest is sent (as zeros)
+        for start in range(offset, size, READ_SIZE):
+            whole.update(bytes(min(READ_SIZE, size - start)))
+        if runs and runs[-1][0] + runs[-1][1] == offset:
+            runs[-1] = (runs[-1][0], size - runs[-1][0])
+        else:
+            runs.append((offset, size - offset))
+    return Patch(tuple(runs), whole.hexdigest())

@@ -1,0 +1,233 @@
+"""Block deltas: the target's base, the source's patch, their wire forms, and a patch applied
+by the extractor to the target's copy."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+from agents import delta, tarstream
+from agents.delta import DIGEST_SIZE, MIN_BLOCK_SIZE, Base, BaseError, Patch
+from agents.extract import Extractor, UnsafeEntry
+from agents.incremental import parse_selection_with_bases, plan_with_bases, selection_line
+from agents.manifest import entry_from_json, entry_to_json, walk
+from agents.source import Snapshots
+
+PAGE = MIN_BLOCK_SIZE
+
+
+def base_of(data: bytes, tmp_path: Path, block: int = PAGE) -> Base:
+    path = tmp_path / "base.bin"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return delta.describe(fd, len(data), block)
+    finally:
+        os.close(fd)
+
+
+def patch_of(new: bytes, base: Base, tmp_path: Path) -> Patch:
+    path = tmp_path / "new.bin"
+    path.write_bytes(new)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return delta.diff(fd, len(new), base)
+    finally:
+        os.close(fd)
+
+
+def apply(old: bytes, new_size: int, runs: tuple[tuple[int, int], ...], new: bytes) -> bytes:
+    out = bytearray(old[:new_size].ljust(new_size, b"\0"))
+    for offset, length in runs:
+        out[offset : offset + length] = new[offset : offset + length]
+    return bytes(out)
+
+
+def test_identical_file_has_no_runs(tmp_path: Path) -> None:
+    data = secrets.token_bytes(40 * PAGE + 100)
+    patch = patch_of(data, base_of(data, tmp_path), tmp_path)
+    assert patch.runs == ()
+    assert patch.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_changed_pages_become_runs_and_neighbours_merge(tmp_path: Path) -> None:
+    old = secrets.token_bytes(64 * PAGE)
+    new = bytearray(old)
+    for page in (3, 10, 11, 12, 40):
+        new[page * PAGE + 17] ^= 0xFF
+    patch = patch_of(bytes(new), base_of(old, tmp_path), tmp_path)
+    assert patch.runs == ((3 * PAGE, PAGE), (10 * PAGE, 3 * PAGE), (40 * PAGE, PAGE))
+    assert apply(old, len(new), patch.runs, bytes(new)) == new
+
+
+def test_grown_and_shrunk_files(tmp_path: Path) -> None:
+    old = secrets.token_bytes(10 * PAGE + 300)
+    grown = old + secrets.token_bytes(3 * PAGE)
+    patch = patch_of(grown, base_of(old, tmp_path), tmp_path)
+    # The old short last page differs from the new full one; everything after it is new.
+    assert patch.runs == ((10 * PAGE, len(grown) - 10 * PAGE),)
+    assert apply(old, len(grown), patch.runs, grown) == grown
+
+    shrunk = old[: 4 * PAGE + 5]
+    patch = patch_of(shrunk, base_of(old, tmp_path), tmp_path)
+    assert patch.runs == ((4 * PAGE, 5),)
+    assert apply(old, len(shrunk), patch.runs, shrunk) == shrunk
+
+
+def test_block_size_grows_with_the_file() -> None:
+    assert delta.block_size_for(1 << 20) == PAGE
+    assert delta.block_size_for(944 << 20) == 16 << 10
+    assert delta.block_size_for(1 << 40) == 16 << 20
+    assert delta.block_size_for(1 << 44) == delta.MAX_BLOCK_SIZE
+    for size in (1 << 20, 5 << 30, 100 << 30):
+        assert -(-size // delta.block_size_for(size)) <= delta.TARGET_BLOCKS
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        None,
+        [],
+        {"block_size": 100, "digests": ""},
+        {"block_size": True, "digests": ""},
+        {"block_size": PAGE, "digests": "!!!"},
+        {"block_size": PAGE, "digests": base64.b64encode(b"x" * (DIGEST_SIZE + 1)).decode()},
+        {"block_size": PAGE},
+    ],
+)
+def test_bad_bases_are_refused(doc: object) -> None:
+    with pytest.raises(BaseError):
+        Base.from_json(doc)
+
+
+def test_selection_lines_round_trip_with_bases(tmp_path: Path) -> None:
+    base = base_of(secrets.token_bytes(3 * PAGE), tmp_path)
+    body = selection_line(b".", None) + selection_line(b"db/big", base)
+    body += selection_line(b"db/\xffraw", None)
+    paths, bases = parse_selection_with_bases(body)
+    assert paths == [b".", b"db/big", b"db/\xffraw"]
+    assert bases == {b"db/big": base}
+    with pytest.raises(ValueError, match="line 1"):
+        parse_selection_with_bases(b'{"path": "x", "base": {"block_size": 1, "digests": ""}}\n')
+
+
+def test_plan_describes_large_files_the_target_has(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    big = secrets.token_bytes(2 << 20)
+    (src / "big").write_bytes(big[:-1] + b"!")
+    (dst / "big").write_bytes(big)
+    (src / "small").write_bytes(b"new")
+    (dst / "small").write_bytes(b"old")
+    (src / "new-big").write_bytes(big)  # not on the target: sent whole
+    got = dict(plan_with_bases(walk(src), dst, window_start_ns=None))
+    assert set(got) == {b".", b"big", b"small", b"new-big"}
+    assert got[b"small"] is None and got[b"new-big"] is None
+    assert got[b"big"] == base_of(big, tmp_path, delta.block_size_for(len(big)))
+
+
+def test_snapshot_of_a_selection_with_bases_carries_patches(tmp_path: Path) -> None:
+    root = tmp_path / "vol"
+    root.mkdir()
+    old = secrets.token_bytes(2 << 20)
+    new = bytearray(old)
+    new[5 * PAGE] ^= 1
+    (root / "big").write_bytes(new)
+    base = base_of(old, tmp_path)
+    identity = Snapshots(tmp_path / "snaps").take(root, [b".", b"big"], {b"big": base})
+    entries = list(identity.entries())
+    patched = next(e for e in entries if e.path == b"big")
+    assert patched.patch == Patch(((5 * PAGE, PAGE),), hashlib.sha256(new).hexdigest())
+    assert entry_from_json(entry_to_json(patched)) == patched
+    # The stream carries the run, not the file: a header, a map, one page and padding.
+    assert identity.total_size < 4 * PAGE
+    # Another base is another stream.
+    other = Snapshots(tmp_path / "snaps").take(
+        root, [b".", b"big"], {b"big": base_of(new, tmp_path)}
+    )
+    assert other.stream_id != identity.stream_id
+
+
+def _stream(root: Path, entries: list[object]) -> bytes:
+    return b"".join(tarstream.generate(root, entries))  # type: ignore[arg-type]
+
+
+def test_extractor_applies_a_patch_in_place(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    old = secrets.token_bytes(2 << 20)
+    new = bytearray(old)
+    new[7 * PAGE + 3] ^= 1
+    new += b"tail"
+    (src / "big").write_bytes(new)
+    (dst / "big").write_bytes(old)
+    identity = Snapshots(tmp_path / "snaps").take(
+        src, [b".", b"big"], {b"big": base_of(old, tmp_path)}
+    )
+    body = _stream(src, list(identity.entries()))
+    assert len(body) < 64 << 10
+    with Extractor(dst, tmp_path / "state", allow_existing_links=True) as ex:
+        ex.feed(body)
+        ex.commit()
+        ex.finish()
+        digests = {d.path: d for d in ex.drain_digests()}
+    assert (dst / "big").read_bytes() == bytes(new)
+    assert digests[b"big"].sha256 == hashlib.sha256(new).hexdigest()
+    st_src, st_dst = os.stat(src / "big"), os.stat(dst / "big")
+    assert (st_dst.st_mtime_ns, st_dst.st_mode) == (st_src.st_mtime_ns, st_src.st_mode)
+
+
+def test_a_patch_needs_the_targets_copy(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    data = secrets.token_bytes(2 << 20)
+    (src / "big").write_bytes(data)
+    identity = Snapshots(tmp_path / "snaps").take(
+        src, [b".", b"big"], {b"big": base_of(data[::-1], tmp_path)}
+    )
+    body = _stream(src, list(identity.entries()))
+    os.symlink("/etc/passwd", dst / "big")  # not a regular file: never written through
+    with (
+        Extractor(dst, tmp_path / "state", allow_existing_links=True) as ex,
+        pytest.raises(UnsafeEntry),
+    ):
+        ex.feed(body)
+    assert os.readlink(dst / "big") == "/etc/passwd"
+    json.dumps(entry_to_json(next(iter(identity.entries()))))
+
+
+def test_a_patch_resumes_from_a_checkpoint_mid_run(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    old = secrets.token_bytes(4 << 20)
+    new = bytearray(old)
+    for page in range(0, 512, 3):
+        new[page * PAGE : page * PAGE + 100] = secrets.token_bytes(100)
+    (src / "big").write_bytes(new)
+    (dst / "big").write_bytes(old)
+    identity = Snapshots(tmp_path / "snaps").take(
+        src, [b".", b"big"], {b"big": base_of(old, tmp_path)}
+    )
+    body = _stream(src, list(identity.entries()))
+    cut = len(body) // 2 // 512 * 512 + 100  # inside a run, not on a block boundary
+    ex = Extractor(dst, tmp_path / "state", allow_existing_links=True)
+    ex.feed(body[:cut])
+    checkpoint = ex.commit()
+    ex.close()
+    with Extractor.resume(dst, tmp_path / "state", checkpoint, allow_existing_links=True) as ex:
+        ex.feed(body[checkpoint["offset"] :])
+        ex.commit()
+        ex.finish()
+        digests = {d.path: d for d in ex.drain_digests()}
+    assert (dst / "big").read_bytes() == bytes(new)
+    assert digests[b"big"].sha256 == hashlib.sha256(new).hexdigest()
