@@ -20,6 +20,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,50 +118,81 @@ def worth_a_patch(source_size: int, target_size: int) -> bool:
     return source_size >= MIN_DELTA_SIZE and target_size >= MIN_DELTA_SIZE
 
 
-def _read_blocks(fd: int, size: int, block_size: int) -> Any:
-    """Yield the file's blocks (the last one short), reading about READ_SIZE at a time."""
+def _read_blocks(fd: int, start: int, end: int, block_size: int) -> Iterator[memoryview]:
+    """Yield the blocks of bytes [start, end) (the last one short), reading about READ_SIZE at
+    a time; stops early at the end of the file."""
     per_read = max(1, READ_SIZE // block_size) * block_size
-    offset = 0
-    while offset < size:
-        data = os.pread(fd, min(per_read, size - offset), offset)
+    offset = start
+    while offset < end:
+        data = os.pread(fd, min(per_read, end - offset), offset)
         if not data:
             return
         view = memoryview(data)
-        for start in range(0, len(view), block_size):
-            yield view[start : start + block_size]
+        for at in range(0, len(view), block_size):
+            yield view[at : at + block_size]
         offset += len(data)
+
+
+def _digests(fd: int, start: int, end: int, block_size: int) -> bytes:
+    sha = hashlib.sha256
+    return b"".join(sha(b).digest()[:DIGEST_SIZE] for b in _read_blocks(fd, start, end, block_size))
+
+
+def _halves(size: int, block_size: int) -> list[tuple[int, int]]:
+    """Two block-aligned halves of [0, size), hashed by two threads (hashlib releases the GIL:
+    a large file is described in about half the time on two cores)."""
+    middle = (size // 2) // block_size * block_size
+    return [(0, middle), (middle, size)] if middle else [(0, size)]
 
 
 def describe(fd: int, size: int, block_size: int | None = None) -> Base:
     """The target side: the base of the first `size` bytes of an open file."""
     block = block_size or block_size_for(size)
-    sha = hashlib.sha256
-    digests = b"".join(sha(b).digest()[:DIGEST_SIZE] for b in _read_blocks(fd, size, block))
+    parts = _halves(size, block)
+    with ThreadPoolExecutor(len(parts), thread_name_prefix="describe") as pool:
+        digests = b"".join(pool.map(lambda part: _digests(fd, part[0], part[1], block), parts))
     return Base(block, digests)
 
 
 def diff(fd: int, size: int, base: Base) -> Patch:
     """The source side: read `size` bytes of an open file, compare them with `base`, and
     return the runs that differ and the SHA-256 of the whole. Bytes missing at the end (the
-    file shrank since it was listed) are sent as zeros; the stream reports the file dirty."""
+    file shrank since it was listed) are sent as zeros; the stream reports the file dirty.
+
+    The whole-file hash runs in a second thread, one read behind the block comparison."""
     whole = hashlib.sha256()
     sha = hashlib.sha256
     block = base.block_size
     runs: list[tuple[int, int]] = []
+    per_read = max(1, READ_SIZE // block) * block
     offset = 0
-    for index, data in enumerate(_read_blocks(fd, size, block)):
-        whole.update(data)
-        if index >= base.blocks or sha(data).digest()[:DIGEST_SIZE] != base.digest(index):
-            if runs and runs[-1][0] + runs[-1][1] == offset:
-                runs[-1] = (runs[-1][0], runs[-1][1] + len(data))
-            else:
-                runs.append((offset, len(data)))
-        offset += len(data)
+    with ThreadPoolExecutor(1, thread_name_prefix="diff") as pool:
+        pending: deque[Future[None]] = deque()
+        while offset < size:
+            data = os.pread(fd, min(per_read, size - offset), offset)
+            if not data:
+                break
+            pending.append(pool.submit(whole.update, data))
+            view = memoryview(data)
+            for at in range(0, len(view), block):
+                chunk = view[at : at + block]
+                index = (offset + at) // block
+                if index >= base.blocks or sha(chunk).digest()[:DIGEST_SIZE] != base.digest(index):
+                    _add_run(runs, offset + at, len(chunk))
+            offset += len(data)
+            while len(pending) > 2:
+                pending.popleft().result()
+        for future in pending:
+            future.result()
     if offset < size:  # shorter than listed: the rest is sent (as zeros)
         for start in range(offset, size, READ_SIZE):
             whole.update(bytes(min(READ_SIZE, size - start)))
-        if runs and runs[-1][0] + runs[-1][1] == offset:
-            runs[-1] = (runs[-1][0], size - runs[-1][0])
-        else:
-            runs.append((offset, size - offset))
+        _add_run(runs, offset, size - offset)
     return Patch(tuple(runs), whole.hexdigest())
+
+
+def _add_run(runs: list[tuple[int, int]], offset: int, length: int) -> None:
+    if runs and runs[-1][0] + runs[-1][1] == offset:
+        runs[-1] = (runs[-1][0], runs[-1][1] + length)
+    else:
+        runs.append((offset, length))
