@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import stat
@@ -33,6 +34,8 @@ import aiohttp
 from agents.delta import Base, BaseError, block_size_for, describe, worth_a_patch
 from agents.manifest import ROOT, Entry, EntryType, decode_path, encode_path, entry_from_json, walk
 from agents.tarstream import VolumeFiles
+
+log = logging.getLogger("migrator_agent.pulls")
 
 # Timestamps of a change can lag the change by a clock tick (4 ms at HZ=250) and the two hosts'
 # clocks are not compared at all (the window uses the source's own clock from the hello); two
@@ -294,7 +297,7 @@ async def plan_incremental_pass(
     await fetch_manifest(session, manifest_url, token, manifest)
 
     def run() -> int:
-        count = 0
+        count = described = 0
         with open(selection_path, "wb") as out:
             for path, base in plan_with_bases(
                 read_manifest(manifest),
@@ -304,7 +307,10 @@ async def plan_incremental_pass(
             ):
                 out.write(selection_line(path, base))
                 count += 1
+                described += base is not None
         manifest.unlink()
+        if described:
+            log.info("%d of %d selected paths described block by block", described, count)
         return count
 
     return await asyncio.to_thread(run)

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import queue
 import re
@@ -29,6 +30,8 @@ from agents.frames import FrameEncoder, next_chunk_length
 from agents.incremental import select
 from agents.manifest import Entry, EntryType, Totals, entry_from_json, entry_to_json, walk
 from agents.tarstream import VolumeFiles
+
+log = logging.getLogger("migrator_agent.source")
 
 STREAM_ID_PREFIX = "m1-"
 STREAM_ID_RE = re.compile(r"m1-[0-9a-f]{32}")
@@ -110,6 +113,7 @@ def with_patches(
     """Read each file that has a base and compare it block by block: the entry then carries
     only the runs that differ. Reads happen while the stream is named, so its layout is fixed
     before any byte of it goes out (a file changed after this is reported dirty as usual)."""
+    patches = sent = compared = 0
     with VolumeFiles(root) as files:
         for entry in entries:
             base = bases.get(entry.path)
@@ -121,9 +125,21 @@ def with_patches(
                 yield entry
                 continue
             try:
-                yield dataclasses.replace(entry, patch=diff(fd, entry.size, base))
+                patch = diff(fd, entry.size, base)
             finally:
                 os.close(fd)
+            patches += 1
+            sent += patch.data_size
+            compared += entry.size
+            yield dataclasses.replace(entry, patch=patch)
+    if patches:
+        log.info(
+            "%d block deltas: %d of %d bytes differ (%.0f%%)",
+            patches,
+            sent,
+            compared,
+            100 * sent / max(compared, 1),
+        )
 
 
 def _patchable(entry: Entry) -> bool:
