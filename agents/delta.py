@@ -31,8 +31,9 @@ MIN_DELTA_SIZE = 1 << 20
 MIN_BLOCK_SIZE = 8 << 10
 """A database page: the unit in which PostgreSQL (8 KiB) and most engines rewrite files."""
 MAX_BLOCK_SIZE = 64 << 20
-TARGET_BLOCKS = 1 << 16
-"""Blocks a file is cut into at most, before the block size grows (1 MiB of digests)."""
+TARGET_BLOCKS = 1 << 17
+"""Blocks a file is cut into at most, before the block size grows (2 MiB of digests): a
+database file of up to 1 GiB (PostgreSQL's segment size) is compared page by page."""
 MAX_BLOCKS = 1 << 20
 """The most digests a source accepts for one file (16 MiB of them)."""
 DIGEST_SIZE = 16

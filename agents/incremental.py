@@ -21,6 +21,7 @@ agents/delta.py), so the source sends only the blocks that differ.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -145,49 +146,157 @@ def plan_with_bases(
     window_start_ns: int | None,
     on_delete: OnDelete | None = None,
     deltas: bool = True,
+    renamed: dict[bytes, Base] | None = None,
 ) -> Iterator[tuple[bytes, Base | None]]:
     """`plan`, and for each selected large file the target already has, the base of the
-    target's copy (agents/delta.py), so the source sends only the blocks that differ."""
+    target's copy (agents/delta.py), so the source sends only the blocks that differ.
+
+    With `deltas`, a large file the source no longer has is not deleted at once: it may have
+    been renamed (PostgreSQL recycles its WAL segments by renaming old ones to future names,
+    log rotation renames too). When the join is done, each new large file on the source takes
+    over a leftover of the same size (the same mtime first) by a rename on the target, and its
+    base goes into `renamed` (the caller adds it to the path's selection line); leftovers
+    nobody takes are deleted then."""
     root = os.fsencode(target_root)
     with VolumeFiles(root) as files:
-        yield from _plan(source, root, files, window_start_ns, on_delete, deltas)
+        planner = _Planner(root, files, window_start_ns, on_delete, deltas)
+        yield from planner.join(source)
+        paired = planner.reuse_leftovers()
+    if renamed is not None:
+        renamed.update(paired)
 
 
-def _plan(
-    source: Iterable[Entry],
-    root: bytes,
-    files: VolumeFiles,
-    window_start_ns: int | None,
-    on_delete: OnDelete | None,
-    deltas: bool,
-) -> Iterator[tuple[bytes, Base | None]]:
-    target = walk(root)
-    dst = next(target, None)
-    selected_inodes: set[bytes] = set()
-    for src in source:
-        key = order_key(src.path)
-        while dst is not None and order_key(dst.path) < key:
-            _remove(root, dst.path, on_delete)
-            dst = next(target, None)
-        same = dst if dst is not None and dst.path == src.path else None
-        if same is not None:
-            dst = next(target, None)
-        if src.type is EntryType.SOCKET:
-            continue
-        if src.hardlink_of is not None and src.hardlink_of in selected_inodes:
-            chosen = True
-        else:
-            chosen = same is None or _differs(src, same, window_start_ns)
-        if chosen:
+class _Planner:
+    def __init__(
+        self,
+        root: bytes,
+        files: VolumeFiles,
+        window_start_ns: int | None,
+        on_delete: OnDelete | None,
+        deltas: bool,
+    ) -> None:
+        self.root = root
+        self.files = files
+        self.window_start_ns = window_start_ns
+        self.on_delete = on_delete
+        self.deltas = deltas
+        self.new_large: list[Entry] = []
+        """Selected large files the target does not have: they may take over a leftover."""
+        self.leftovers: list[Entry] = []
+        """Large files the source no longer has, kept until the join is done."""
+
+    def join(self, source: Iterable[Entry]) -> Iterator[tuple[bytes, Base | None]]:
+        target = walk(self.root)
+        dst = next(target, None)
+        selected_inodes: set[bytes] = set()
+        for src in source:
+            key = order_key(src.path)
+            while dst is not None and order_key(dst.path) < key:
+                self._extra(dst)
+                dst = next(target, None)
+            same = dst if dst is not None and dst.path == src.path else None
+            if same is not None:
+                dst = next(target, None)
+            if src.type is EntryType.SOCKET:
+                continue
+            if src.hardlink_of is not None and src.hardlink_of in selected_inodes:
+                chosen = True
+            else:
+                chosen = same is None or _differs(src, same, self.window_start_ns)
+            if not chosen:
+                continue
             if src.type is EntryType.FILE and src.nlink > 1 and src.hardlink_of is None:
                 selected_inodes.add(src.path)
-            patchable = deltas and same is not None and _patchable(src, same)
-            base = _base(files, src, same) if patchable and same is not None else None
+            base = None
+            if self.deltas and same is not None and _patchable(src, same):
+                base = _base(self.files, src, same)
+            elif self.deltas and same is None and _patchable(src, src):
+                self.new_large.append(src)
             yield src.path, base
-    while dst is not None:
-        if dst.path != ROOT:
-            _remove(root, dst.path, on_delete)
-        dst = next(target, None)
+        while dst is not None:
+            if dst.path != ROOT:
+                self._extra(dst)
+            dst = next(target, None)
+
+    def _extra(self, dst: Entry) -> None:
+        if self.deltas and _patchable(dst, dst):
+            self.leftovers.append(dst)
+        else:
+            _remove(self.root, dst.path, self.on_delete)
+
+    def reuse_leftovers(self) -> dict[bytes, Base]:
+        """Rename leftovers to the new paths that can take them over; delete the rest."""
+        by_stamp: dict[tuple[int, int], list[Entry]] = {}
+        by_size: dict[int, list[Entry]] = {}
+        for left in reversed(self.leftovers):  # popped from the end: in manifest order
+            by_stamp.setdefault((left.size, left.mtime_ns), []).append(left)
+            by_size.setdefault(left.size, []).append(left)
+        taken: set[bytes] = set()
+        paired: dict[bytes, Base] = {}
+        for new in self.new_large:
+            spare = _pop_free(by_stamp.get((new.size, new.mtime_ns)), taken)
+            spare = spare or _pop_free(by_size.get(new.size), taken)
+            if spare is None or not _rename(self.root, spare.path, new.path):
+                continue
+            taken.add(spare.path)
+            if self.on_delete is not None:
+                self.on_delete(spare.path)
+            base = _base(self.files, new, dataclasses.replace(spare, path=new.path))
+            if base is not None:
+                paired[new.path] = base
+        for old in self.leftovers:
+            if old.path not in taken:
+                _remove(self.root, old.path, self.on_delete)
+        return paired
+
+
+def _pop_free(candidates: list[Entry] | None, taken: set[bytes]) -> Entry | None:
+    while candidates:
+        entry = candidates.pop()
+        if entry.path not in taken:
+            return entry
+    return None
+
+
+def _open_dir(root: bytes, path: bytes) -> int | None:
+    """Directory `path` under `root`, every component opened without following symlinks."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for name in path.split(b"/") if path else ():
+        try:
+            child = os.open(
+                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+            )
+        except OSError:
+            os.close(fd)
+            return None
+        os.close(fd)
+        fd = child
+    return fd
+
+
+def _rename(root: bytes, old: bytes, new: bytes) -> bool:
+    """Move the target's `old` to `new` (whose directory must exist and which must not);
+    False when that cannot be done safely."""
+    (old_dir, old_name), (new_dir, new_name) = os.path.split(old), os.path.split(new)
+    src_fd = _open_dir(root, old_dir)
+    dst_fd = _open_dir(root, new_dir) if src_fd is not None else None
+    try:
+        if src_fd is None or dst_fd is None:
+            return False
+        try:
+            os.stat(new_name, dir_fd=dst_fd, follow_symlinks=False)
+            return False  # something is there (the plan saw nothing): leave it to the stream
+        except FileNotFoundError:
+            pass
+        try:
+            os.rename(old_name, new_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+        except OSError:
+            return False
+        return True
+    finally:
+        for fd in (src_fd, dst_fd):
+            if fd is not None:
+                os.close(fd)
 
 
 def select(entries: Iterable[Entry], selection: list[bytes]) -> Iterator[Entry]:
@@ -281,6 +390,18 @@ def read_manifest(path: Path) -> Iterator[Entry]:
                 yield entry_from_json(doc)
 
 
+def _add_bases(selection_path: Path, bases: dict[bytes, Base]) -> None:
+    """Rewrite the selection with the bases of `bases`' paths, line by line."""
+    tmp = selection_path.with_name(selection_path.name + ".tmp")
+    with open(selection_path, "rb") as src, open(tmp, "wb") as out:
+        for line in src:
+            value = json.loads(line)
+            path = encode_path(value) if isinstance(value, str) else None
+            base = bases.get(path) if path is not None else None
+            out.write(line if base is None or path is None else selection_line(path, base))
+    os.replace(tmp, selection_path)
+
+
 async def plan_incremental_pass(
     session: aiohttp.ClientSession,
     manifest_url: str,
@@ -298,19 +419,28 @@ async def plan_incremental_pass(
 
     def run() -> int:
         count = described = 0
+        renamed: dict[bytes, Base] = {}
         with open(selection_path, "wb") as out:
             for path, base in plan_with_bases(
                 read_manifest(manifest),
                 target_root,
                 window_start_ns=window_start_ns,
                 on_delete=on_delete,
+                renamed=renamed,
             ):
                 out.write(selection_line(path, base))
                 count += 1
                 described += base is not None
         manifest.unlink()
-        if described:
-            log.info("%d of %d selected paths described block by block", described, count)
+        if renamed:
+            _add_bases(selection_path, renamed)
+        if described or renamed:
+            log.info(
+                "%d of %d selected paths described block by block, %d of them renamed leftovers",
+                described + len(renamed),
+                count,
+                len(renamed),
+            )
         return count
 
     return await asyncio.to_thread(run)

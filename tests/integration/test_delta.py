@@ -130,3 +130,37 @@ def test_cut_in_the_middle_of_a_patch_resumes(
     assert pull["reconnects"] == 1
     assert pull["passes"][-1]["bytes"] < changed + (64 << 10), pull["passes"]
     assert_same_tree(source_volume, mountpoint(docker_b, volume_name))
+
+
+def test_renamed_large_files_are_renamed_not_resent(
+    agent_a: AgentProcess,
+    agent_b: AgentProcess,
+    docker_b: docker.DockerClient,
+    source_volume: Path,
+    volume_name: str,
+) -> None:
+    """PostgreSQL recycles WAL segments by renaming them; log rotation renames too."""
+    wal = source_volume / "pg_wal"
+    wal.mkdir()
+    for n in range(4):
+        (wal / f"00000001000000000000000{n}").write_bytes(secrets.token_bytes(4 << 20))
+    earlier = first_copy(agent_a, agent_b, volume_name)
+    os.rename(wal / "000000010000000000000000", wal / "000000010000000000000004")
+    os.rename(wal / "000000010000000000000001", wal / "000000010000000000000005")
+    changed = rewrite_pages(wal / "000000010000000000000005", [0, 1])  # recycled, then written
+    pull = wait_pull(
+        agent_b,
+        start_pull(
+            agent_a,
+            agent_b,
+            volume_name,
+            compression="none",
+            if_target_exists="sync",
+            continues=earlier,
+        ),
+    )
+    assert pull["state"] == "succeeded", pull
+    assert pull["passes"][-1]["bytes"] < changed + (64 << 10), pull["passes"]
+    target = mountpoint(docker_b, volume_name)
+    assert_same_tree(source_volume, target)
+    assert AgentHTTP(agent_b).post(f"/v1/pulls/{pull['id']}/verify").json()["verified"] is True

@@ -82,8 +82,9 @@ def test_grown_and_shrunk_files(tmp_path: Path) -> None:
 
 def test_block_size_grows_with_the_file() -> None:
     assert delta.block_size_for(1 << 20) == PAGE
-    assert delta.block_size_for(944 << 20) == 16 << 10
-    assert delta.block_size_for(1 << 40) == 16 << 20
+    assert delta.block_size_for(944 << 20) == PAGE
+    assert delta.block_size_for(3 << 30) == 32 << 10
+    assert delta.block_size_for(1 << 40) == 8 << 20
     assert delta.block_size_for(1 << 44) == delta.MAX_BLOCK_SIZE
     for size in (1 << 20, 5 << 30, 100 << 30):
         assert -(-size // delta.block_size_for(size)) <= delta.TARGET_BLOCKS
@@ -231,3 +232,65 @@ def test_a_patch_resumes_from_a_checkpoint_mid_run(tmp_path: Path) -> None:
         digests = {d.path: d for d in ex.drain_digests()}
     assert (dst / "big").read_bytes() == bytes(new)
     assert digests[b"big"].sha256 == hashlib.sha256(new).hexdigest()
+
+
+def test_a_renamed_large_file_is_renamed_on_the_target_and_patched(tmp_path: Path) -> None:
+    """As PostgreSQL recycles WAL segments: old names vanish, new names appear with the old
+    content (same size and mtime), one of them then partly rewritten."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for root in (src, dst):
+        (root / "wal").mkdir(parents=True)
+    seg = {name: secrets.token_bytes(2 << 20) for name in ("A", "B", "C")}
+    for name, data in seg.items():
+        (dst / "wal" / name).write_bytes(data)
+        os.utime(dst / "wal" / name, ns=(10**18, 10**18 + ord(name)))
+    (src / "wal" / "B").write_bytes(seg["B"])
+    (src / "wal" / "X").write_bytes(seg["A"])  # A recycled as X, untouched since
+    os.utime(src / "wal" / "X", ns=(10**18, 10**18 + ord("A")))
+    rewritten = secrets.token_bytes(PAGE) + seg["C"][PAGE:]  # C recycled as Y, then written
+    (src / "wal" / "Y").write_bytes(rewritten)
+    (src / "wal" / "Z").write_bytes(secrets.token_bytes(3 << 20))  # new, no leftover fits
+    os.utime(src / "wal" / "B", ns=(10**18, 10**18 + ord("B")))
+    forgotten: list[bytes] = []
+    renamed: dict[bytes, Base] = {}
+    selected = list(
+        plan_with_bases(
+            walk(src), dst, window_start_ns=None, on_delete=forgotten.append, renamed=renamed
+        )
+    )
+    assert [p for p, _ in selected] == [b".", b"wal", b"wal/X", b"wal/Y", b"wal/Z"]
+    assert sorted(renamed) == [b"wal/X", b"wal/Y"]
+    assert sorted(forgotten) == [b"wal/A", b"wal/C"]
+    assert sorted(os.listdir(dst / "wal")) == ["B", "X", "Y"]
+    # The source then sends what differs: nothing of X, one page of Y, all of Z.
+    paths = [p for p, _ in selected]
+    identity = Snapshots(tmp_path / "snaps").take(src, paths, renamed)
+    patches = {e.path: e.patch for e in identity.entries() if e.patch is not None}
+    assert patches[b"wal/X"] is not None and patches[b"wal/X"].runs == ()
+    assert patches[b"wal/Y"] is not None and patches[b"wal/Y"].runs == ((0, PAGE),)
+    body = _stream(src, list(identity.entries()))
+    assert len(body) < (3 << 20) + (64 << 10)
+    with Extractor(dst, tmp_path / "state", allow_existing_links=True) as ex:
+        ex.feed(body)
+        ex.commit()
+        ex.finish()
+    for name in ("B", "X", "Y", "Z"):
+        assert (dst / "wal" / name).read_bytes() == (src / "wal" / name).read_bytes(), name
+        assert os.stat(dst / "wal" / name).st_mtime_ns == os.stat(src / "wal" / name).st_mtime_ns
+
+
+def test_leftovers_nobody_takes_are_deleted(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (dst / "old").mkdir(parents=True)
+    (dst / "old" / "big").write_bytes(secrets.token_bytes(2 << 20))
+    (dst / "gone").write_bytes(secrets.token_bytes(2 << 20))
+    (src / "newdir").mkdir()  # a new file in a directory the target lacks: not renamed into
+    (src / "newdir" / "big").write_bytes(secrets.token_bytes(2 << 20))
+    renamed: dict[bytes, Base] = {}
+    selected = [
+        p for p, _ in plan_with_bases(walk(src), dst, window_start_ns=None, renamed=renamed)
+    ]
+    assert selected == [b".", b"newdir", b"newdir/big"]
+    assert renamed == {}
+    assert os.listdir(dst) == []
