@@ -243,8 +243,25 @@ def encode_frame(
 
     The building block of the other encoders, and of tests that need frames that lie.
     """
-    head = _HEADER.pack(MAGIC, kind, codec, flags, raw_offset, raw_length, len(payload), sha256, 0)
-    return head + _CRC.pack(zlib.crc32(head)) + payload
+    head = frame_header(kind, codec, raw_offset, raw_length, sha256, len(payload), flags=flags)
+    return head + payload
+
+
+def frame_header(
+    kind: int,
+    codec: int,
+    raw_offset: int,
+    raw_length: int,
+    sha256: bytes,
+    payload_length: int,
+    *,
+    flags: int = 0,
+) -> bytes:
+    """The 64-byte header of a frame, CRC included."""
+    head = _HEADER.pack(
+        MAGIC, kind, codec, flags, raw_offset, raw_length, payload_length, sha256, 0
+    )
+    return head + _CRC.pack(zlib.crc32(head))
 
 
 def compress_chunk(raw: bytes, compressor: zstandard.ZstdCompressor | None = None) -> bytes | None:
@@ -409,6 +426,11 @@ class FrameEncoder:
 
     def data(self, raw: bytes, raw_offset: int) -> bytes:
         """One data frame. `raw` must not cross a chunk boundary (ValueError otherwise)."""
+        return b"".join(self.data_parts(raw, raw_offset))
+
+    def data_parts(self, raw: bytes, raw_offset: int) -> tuple[bytes, bytes]:
+        """`data` as (header, payload), so a sender can write the payload without copying it
+        behind the header."""
         if not 0 < len(raw) <= next_chunk_length(raw_offset, self.chunk_size):
             raise ValueError(
                 f"{len(raw)} bytes at {raw_offset} do not fit the chunk of size {self.chunk_size}"
@@ -422,7 +444,8 @@ class FrameEncoder:
                 codec, payload = Codec.ZSTD, comp
         sha = hashlib.sha256(raw).digest()
         self.digest.update(sha)
-        return encode_frame(FrameKind.DATA, codec, raw_offset, len(raw), sha, payload)
+        head = frame_header(FrameKind.DATA, codec, raw_offset, len(raw), sha, len(payload))
+        return head, payload
 
     def trailer(self, obj: dict[str, Any], offset: int) -> bytes:
         return encode_json_frame(FrameKind.TRAILER, obj, offset)

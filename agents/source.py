@@ -280,12 +280,13 @@ class FrameProducer:
             except queue.Empty:
                 break
 
-    def next_frame(self) -> bytes | None:
-        """Blocking: the next encoded data frame, or None at the end (see `error`)."""
+    def next_frame(self) -> tuple[bytes, bytes] | None:
+        """Blocking: the next data frame as (header, payload), or None at the end (see
+        `error`)."""
         item = self._queue.get()
         if item is _DONE:
             return None
-        assert isinstance(item, bytes)
+        assert isinstance(item, tuple)
         return item
 
     def _put(self, item: object) -> bool:
@@ -314,7 +315,8 @@ class FrameProducer:
     def _produce(self) -> None:
         chunk = self.encoder.chunk_size
         offset = self.start_offset
-        buf = bytearray()
+        parts: list[memoryview] = []
+        have = 0
         want = next_chunk_length(offset, chunk)
         pieces = tarstream.generate(
             self.root,
@@ -322,30 +324,33 @@ class FrameProducer:
             self.start_offset,
             on_entry=self._on_entry,
             progress=self.progress,
+            hash_files=False,
         )
         for piece in pieces:
             view = memoryview(piece)
             while view:
-                take = min(len(view), want - len(buf))
-                buf += view[:take]
+                take = min(len(view), want - have)
+                parts.append(view[:take])
+                have += take
                 view = view[take:]
-                if len(buf) == want:
-                    if not self._emit(bytes(buf), offset):
+                if have == want:
+                    if not self._emit(b"".join(parts), offset):  # the frame's only copy
                         return
                     offset += want
-                    buf.clear()
+                    parts.clear()
+                    have = 0
                     want = next_chunk_length(offset, chunk)
-        if buf:
-            if not self._emit(bytes(buf), offset):
+        if parts:
+            if not self._emit(b"".join(parts), offset):
                 return
-            offset += len(buf)
+            offset += have
         self.result.end_offset = offset
         self.result.files = self.progress.files
 
     def _emit(self, raw: bytes, offset: int) -> bool:
         if self._stop.is_set():
             return False
-        frame = self.encoder.data(raw, offset)
+        frame = self.encoder.data_parts(raw, offset)
         self.result.end_offset = offset + len(raw)
         return self._put(frame)
 

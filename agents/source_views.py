@@ -150,14 +150,17 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
             frame = await asyncio.to_thread(producer.next_frame)
             if frame is None:
                 break
+            header, payload = frame
             t0 = time.monotonic()
-            await resp.write(frame)
-            sent += len(frame)
+            await resp.write(header)
+            await resp.write(payload)
+            size = len(header) + len(payload)
+            sent += size
             if max_rate is not None:
                 ahead = sent / max_rate - (time.monotonic() - started)
                 if ahead > 0:
                     await asyncio.sleep(ahead)
-            encoder.policy.observe_send(len(frame), time.monotonic() - t0)
+            encoder.policy.observe_send(size, time.monotonic() - t0)
         if producer.error is not None:
             log.warning("stream of %s failed: %s", name, producer.error)
             await resp.write(

@@ -21,7 +21,7 @@ def produce(root: Path, identity: StreamIdentity, offset: int = 0) -> tuple[byte
     ]
     producer.start()
     while (frame := producer.next_frame()) is not None:
-        body.append(frame)
+        body += frame
     assert producer.error is None
     body.append(encoder.trailer(producer.trailer(), producer.result.end_offset))
     decoder = FrameDecoder()
