@@ -35,8 +35,9 @@ from agents import frames
 from agents.content import ContentDB, verify_volume
 from agents.docker_volumes import DockerVolumes
 from agents.errors import AgentError, Conflict, InvalidRequest, PullNotFound, check_volume_name
-from agents.extract import ExtractError, Extractor, WriteFailed
+from agents.extract import Extractor
 from agents.incremental import PlanError, plan_incremental_pass
+from agents.tarparse import ExtractError, WriteFailed
 from agents.volumes import shared_storage_reason, unreadable_reason
 
 log = logging.getLogger("migrator_agent.pulls")

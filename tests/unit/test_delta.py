@@ -14,10 +14,11 @@ import pytest
 
 from agents import delta, tarstream
 from agents.delta import DIGEST_SIZE, MIN_BLOCK_SIZE, Base, BaseError, Patch
-from agents.extract import Extractor, UnsafeEntry
+from agents.extract import Extractor
 from agents.incremental import parse_selection_with_bases, plan_with_bases, selection_line
 from agents.manifest import entry_from_json, entry_to_json, walk
 from agents.source import Snapshots
+from agents.tarparse import UnsafeEntry
 
 PAGE = MIN_BLOCK_SIZE
 

@@ -25,13 +25,12 @@ import pytest
 
 from agents import extract as extract_module
 from agents import manifest
-from agents.extract import (
+from agents.extract import Extractor, FileDigest
+from agents.tarparse import (
     BLOCK,
     BadCheckpoint,
     DeviceRefused,
     ExtractError,
-    Extractor,
-    FileDigest,
     LimitExceeded,
     MalformedArchive,
     UnsafeEntry,

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agents.extract import Extractor, UnsafeLink
+from agents.extract import Extractor
 from agents.incremental import order_key, parse_selection, plan, select
 from agents.manifest import walk
+from agents.tarparse import UnsafeLink
 from agents.tarstream import generate
 
 HOUR_AGO = time.time_ns() - 3600 * 10**9
