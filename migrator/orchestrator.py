@@ -6,6 +6,13 @@ once is keyed so that running it again is harmless: the pull's id is the migrati
 second `POST /v1/pulls` with it returns or resumes the same pull), and the checkpoint records
 what was done (target created, transfer started). Transient agent failures are retried with
 exponential backoff; permanent ones fail the migration at once with a stable code.
+
+Ids are stable within one attempt, so a restarted coordinator reattaches to its pulls. A retry
+of a quiesced migration is the exception on purpose: its containers ran again after the failed
+attempt, and the target agent may have finished that attempt's final pull on its own meanwhile
+(it resumes unfinished pulls when it restarts), so the retry stops them again and reads the
+source in a final pull of its own (`…-final-a<attempt>`), continuing the last pull's content
+manifest so that only what changed is sent.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -51,6 +58,9 @@ PRECOPY_SHRINK = 0.05
 PRECOPY_MAX_PASSES = 5
 # A pass that sends at least this share of the one before made no headway.
 PRECOPY_NO_GAIN = 0.8
+# What one attempt's quiesce records in the checkpoint; a retry after its containers were
+# started again begins afresh.
+QUIESCE_KEYS = ("stopping_ids", "stopped_ids", "stopped_at", "restarted", "restarted_at")
 PULL_ERROR_CODES = {
     "volume_not_found": "source_volume_not_found",
     "http_404": "source_volume_not_found",
@@ -346,6 +356,12 @@ class Orchestrator:
         base = f"{m.id}-v{index}" if m.request.several else m.id
         return base if suffix is None else f"{base}-{suffix}"
 
+    def _chain(self, m: Migration, index: int) -> list[str]:
+        """The pulls into volume `index` so far, in the order they were created: each one
+        continues the content manifest of the one before."""
+        base = self._pull_id(m, index, None)
+        return [p for p in m.checkpoint.get("pulls") or [] if p == base or p.startswith(base + "-")]
+
     async def _migrate(self, m: Migration) -> dict[str, Any]:
         req = m.request
         source_rec, source = await self.agent(req.source.agent)
@@ -359,17 +375,24 @@ class Orchestrator:
         pairs = self._pairs(m)
         quiesce = req.options.quiesce == "stop" and bool(m.checkpoint.get("running"))
         passes: list[dict[str, Any]] = []
-        previous: list[str] | None = None
+        previous: list[str | None] | None = None
         if quiesce and req.options.precopy:
-            previous = await self._precopy(m, source_rec, target, passes)
-        if quiesce:
-            await self._quiesce(m, source)
-        m.enter(Phase.TRANSFERRING)
-        await self.save(m)
+            previous = [*await self._precopy(m, source_rec, target, passes)]
         finals = [
             self._pull_id(m, i, "final" if previous is not None else None)
             for i in range(len(pairs))
         ]
+        if quiesce and m.attempts > 1:
+            # The containers ran again after the failed attempt, and the target agent may have
+            # finished that attempt's final pull on its own meanwhile (a copy of a running
+            # app): this attempt reads the source in a final pull of its own, once they are
+            # stopped again, continuing the last pull so that only what changed is sent.
+            finals = [self._pull_id(m, i, f"final-a{m.attempts}") for i in range(len(pairs))]
+            previous = await self._settle_earlier_pulls(m, source_rec, target, finals, passes)
+        if quiesce:
+            await self._quiesce(m, source)
+        m.enter(Phase.TRANSFERRING)
+        await self.save(m)
         pulls = await self._run_pass(m, source_rec, target, finals, previous)
         passes.append(_merge_summaries(pulls))
         downtime = 0.0
@@ -592,13 +615,84 @@ class Orchestrator:
         assert previous is not None
         return previous
 
+    async def _settle_earlier_pulls(
+        self,
+        m: Migration,
+        source_rec: AgentRecord,
+        target: AgentClient,
+        finals: list[str],
+        passes: list[dict[str, Any]],
+    ) -> list[str | None]:
+        """Before a retry stops the containers again: the last pull into each volume, finished
+        while they still run, as a pre-copy pass. Returns those pulls, for the final pass to
+        continue (None for a volume not pulled yet).
+
+        A pull an earlier attempt left unfinished (failed, cancelled, or resumed by a restarted
+        target agent as a final pass that must hold still) is resumed from its journal: it
+        re-applies its last uncommitted frame and records everything it wrote, which a new
+        pull could not, and whatever it reads from a running source the final pass re-reads."""
+        heads: list[str | None] = []
+        resumed: list[dict[str, Any]] = []
+        starts: list[int] = []
+        for i, (src, dst) in enumerate(self._pairs(m)):
+            # This attempt's own final pull, if a resumed run already started it, is not
+            # earlier: the final pass reattaches to it.
+            chain = [p for p in self._chain(m, i) if p != finals[i]]
+            heads.append(chain[-1] if chain else None)
+            if not chain:
+                continue
+            head = chain[-1]
+            try:
+                pull: dict[str, Any] | None = await self._retrying(
+                    m, "inspecting the last pull", functools.partial(target.get_pull, head)
+                )
+            except AgentRefused as e:
+                if e.code != "pull_not_found":
+                    raise MigrationFailed(e.code, e.detail) from e
+                pull = None  # the target lost it: `_pass` starts it again
+            if pull is not None and pull["state"] == "succeeded":
+                if pull.get("pass_started_ns"):
+                    starts.append(int(pull["pass_started_ns"]))
+                continue
+            if pull is not None and pull["state"] == "running":
+                # Resumed by the target as it was (a final pass, which must hold still): it
+                # goes on as a pre-copy pass instead, from its journal.
+                try:
+                    await self._retrying(
+                        m, "stopping the last pull", functools.partial(target.delete_pull, head)
+                    )
+                except AgentRefused as e:
+                    raise MigrationFailed(e.code, e.detail) from e
+            if not resumed:
+                m.enter(Phase.PRECOPY)
+                await self.save(m)
+            await self.log(
+                m,
+                "info",
+                f"pass {head}: finishing the earlier attempt's pull while the containers run",
+            )
+            before = chain[-2] if len(chain) > 1 else None
+            done = await self._pass(
+                m, source_rec, target, src, dst, head, continues=before, precopy=True
+            )
+            resumed.append(done)
+            if done.get("pass_started_ns"):
+                starts.append(int(done["pass_started_ns"]))
+        if resumed:
+            passes.append(_merge_summaries(resumed))
+        if starts:
+            # As after any pass: the final pass re-sends what changed since these started.
+            m.checkpoint["window_start_ns"] = min(starts)
+            await self.save(m, state_event=False)
+        return heads
+
     async def _run_pass(
         self,
         m: Migration,
         source_rec: AgentRecord,
         target: AgentClient,
         pull_ids: list[str],
-        previous: list[str] | None,
+        previous: Sequence[str | None] | None,
         *,
         precopy: bool = False,
     ) -> list[dict[str, Any]]:
@@ -622,21 +716,38 @@ class Orchestrator:
 
     async def _quiesce(self, m: Migration, source: AgentClient) -> None:
         """Stop the source's running containers, recording durably which ones: first those
-        about to be stopped, then those the agent did stop."""
-        if "stopped_ids" in m.checkpoint:
+        about to be stopped, then those the agent did stop. Once per attempt: a resumed run
+        finds them stopped (or, after its final pass, started again), a retry stops them
+        again."""
+        cp = m.checkpoint
+        # Checkpoints written before attempts were recorded here belong to the first attempt.
+        same_attempt = cp.get("quiesce_attempt", 1) == m.attempts
+        if same_attempt and "stopped_ids" in cp:
             return  # a resumed run: they are stopped already
+        if not same_attempt and "stopping_ids" in cp:
+            if cp.get("restarted"):
+                # Started again when the earlier attempt ended: this attempt's own stop, and
+                # its own downtime.
+                for key in QUIESCE_KEYS:
+                    cp.pop(key, None)
+            else:
+                # Never started again (the source agent could not be reached): still stopped
+                # by us, still ours to start; their downtime goes on from the first stop.
+                cp["stopping_ids"] = list(cp.get("stopped_ids") or cp.get("stopping_ids") or [])
+                cp.pop("stopped_ids", None)
+        cp["quiesce_attempt"] = m.attempts
         m.enter(Phase.QUIESCING)
         pairs = self._pairs(m)
         # A run that died while stopping them may have stopped these already: still ours.
-        previous: list[str] = list(m.checkpoint.get("stopping_ids") or [])
+        previous: list[str] = list(cp.get("stopping_ids") or [])
         stopping = list(previous)
         for src, _ in pairs:
             info = await self._inspect(m, source, src)
             stopping += [
                 c["id"] for c in info["in_use_by"] if c["running"] and c["id"] not in stopping
             ]
-        m.checkpoint["stopping_ids"] = stopping
-        m.checkpoint.setdefault("stopped_at", time.time())  # the downtime began at the first stop
+        cp["stopping_ids"] = stopping
+        cp.setdefault("stopped_at", time.time())  # the downtime began at the first stop
         await self.save(m)
         stopped: list[dict[str, str]] = []
         for src, _ in pairs:
@@ -671,7 +782,11 @@ class Orchestrator:
         )
         options: dict[str, Any] = {
             "compression": req.options.compression,
-            "if_target_exists": "sync" if continues else req.options.if_target_exists,
+            # A target this migration created is synced, never refused: a pull started again
+            # after the target agent lost it finds the volume its first attempt made.
+            "if_target_exists": "sync"
+            if continues or m.checkpoint.get("created")
+            else req.options.if_target_exists,
             # Files changing under a running container are the next pass's business (or,
             # for a crash-consistent copy, the best there is); a quiesced final pass must
             # hold still, so it keeps passing until nothing changed.
@@ -733,6 +848,10 @@ class Orchestrator:
                 "info",
                 f"pass {pull_id}: {req.target.agent}:{dst} pulls from {req.source.agent}:{src}",
             )
+        elif m.checkpoint.get("current_pull") != pull_id:
+            # An earlier pull followed again (a retry finishing it): the one a cancel stops.
+            m.checkpoint["current_pull"] = pull_id
+            await self.save(m, state_event=False)
         last_seen: object = None
         while True:
             try:
