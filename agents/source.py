@@ -46,7 +46,8 @@ MAX_DIRTY_LISTED = 10_000
 
 
 def entry_fingerprint(entry: Entry) -> bytes:
-    """Canonical bytes of everything about an entry that a stream depends on."""
+    """Canonical bytes of everything about an entry that a stream depends on (also the line
+    a snapshot stores it as)."""
     return json.dumps(entry_to_json(entry), sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -62,8 +63,8 @@ class StreamHasher:
         self.size = 0
         self.totals = Totals()
 
-    def add(self, entry: Entry) -> None:
-        self._sha.update(entry_fingerprint(entry))
+    def add(self, entry: Entry, fingerprint: bytes | None = None) -> None:
+        self._sha.update(entry_fingerprint(entry) if fingerprint is None else fingerprint)
         self._sha.update(b"\n")
         self.size += tarstream.entry_span(entry)
         self.totals.add(entry)
@@ -191,8 +192,9 @@ class Snapshots:
         tmp = self.directory / f".walk-{os.getpid()}-{threading.get_ident()}.tmp"
         with open(tmp, "wb") as f:
             for entry in stream_entries(root, selection, bases):
-                hasher.add(entry)
-                f.write(json.dumps(entry_to_json(entry), separators=(",", ":")).encode())
+                line = entry_fingerprint(entry)
+                hasher.add(entry, line)
+                f.write(line)
                 f.write(b"\n")
         final = self.path(hasher.stream_id)
         os.replace(tmp, final)

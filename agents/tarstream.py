@@ -16,6 +16,7 @@ import errno
 import hashlib
 import os
 import stat
+import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -111,8 +112,16 @@ class _Layout:
 
 
 def entry_span(entry: Entry) -> int:
-    """Bytes this entry occupies in the stream (headers + padded data); 0 for a socket."""
-    return _layout(entry).span
+    """Bytes this entry occupies in the stream (headers + padded data); 0 for a socket.
+    Computed from the pax records' length, without building the header blocks (a stream's
+    size is summed over every entry before its first byte goes out)."""
+    if entry.type is EntryType.SOCKET:
+        return 0
+    sparse_map, runs = _data_layout(entry)
+    data_size = len(sparse_map) + sum(length for _, length in runs)
+    records = _pax_records(entry, tar_name(entry), _link_name(entry), data_size)
+    header = BLOCK_SIZE + (BLOCK_SIZE + _padded(len(records)) if records else 0)
+    return header + _padded(data_size)
 
 
 def stream_size(entries: Iterable[Entry]) -> int:
@@ -145,18 +154,20 @@ def _is_sparse(entry: Entry) -> bool:
 def _layout(entry: Entry) -> _Layout:
     if entry.type is EntryType.SOCKET:
         return _Layout(b"", b"", (), 0)
-    sparse_map = b""
-    runs: tuple[tuple[int, int], ...] = ()
-    if _has_data(entry) and entry.patch is not None:
-        runs = entry.patch.runs
-        sparse_map = _sparse_map(entry.size, runs)
-    elif _has_data(entry) and entry.data_segments is not None:
-        runs = entry.data_segments
-        sparse_map = _sparse_map(entry.size, runs)
-    elif _has_data(entry) and entry.size:
-        runs = ((0, entry.size),)
+    sparse_map, runs = _data_layout(entry)
     data_size = len(sparse_map) + sum(length for _, length in runs)
     return _Layout(_headers(entry, data_size), sparse_map, runs, data_size)
+
+
+def _data_layout(entry: Entry) -> tuple[bytes, tuple[tuple[int, int], ...]]:
+    """The sparse map (empty unless sparse or a patch) and the runs of the data area."""
+    if not _has_data(entry):
+        return b"", ()
+    if entry.patch is not None:
+        return _sparse_map(entry.size, entry.patch.runs), entry.patch.runs
+    if entry.data_segments is not None:
+        return _sparse_map(entry.size, entry.data_segments), entry.data_segments
+    return b"", ((0, entry.size),) if entry.size else ()
 
 
 def _sparse_map(size: int, runs: tuple[tuple[int, int], ...]) -> bytes:
@@ -303,21 +314,46 @@ def _header_block(
 ) -> bytes:
     """One ustar header block. A number too big for its field is written as 0: the pax record
     emitted for it overrides the field. uname, gname and prefix stay empty."""
-    block = bytearray(BLOCK_SIZE)
-    block[0 : len(name)] = name
-    block[100:108] = _octal(mode & 0o7777, 8)
-    block[108:116] = _octal(uid, 8)
-    block[116:124] = _octal(gid, 8)
-    block[124:136] = _octal(size, 12)
-    block[136:148] = _octal(mtime, 12)
-    block[148:156] = b" " * 8  # the checksum counts its own field as spaces
-    block[156:157] = typeflag
-    block[157 : 157 + len(link)] = link
-    block[257:265] = b"ustar\x0000"
-    block[329:337] = _octal(devmajor, 8)
-    block[337:345] = _octal(devminor, 8)
-    block[148:156] = b"%06o\x00 " % sum(block)
+    owner = _OWNER_FIELDS.get((mode, uid, gid))
+    if owner is None:
+        owner = _octal(mode & 0o7777, 8) + _octal(uid, 8) + _octal(gid, 8)
+        if len(_OWNER_FIELDS) < 4096:  # a volume has few distinct modes and owners
+            _OWNER_FIELDS[(mode, uid, gid)] = owner
+    devices = (
+        _NO_DEVICE if not devmajor and not devminor else _octal(devmajor, 8) + _octal(devminor, 8)
+    )
+    block = bytearray(
+        b"".join(
+            (
+                name.ljust(100, b"\0"),
+                owner,
+                _octal(size, 12),
+                _octal(mtime, 12),
+                b" " * 8,  # the checksum counts its own field as spaces
+                typeflag,
+                link.ljust(100, b"\0"),
+                b"ustar\x0000",
+                bytes(64),  # uname, gname
+                devices,
+                bytes(167),  # prefix, padding
+            )
+        )
+    )
+    block[148:156] = b"%06o\x00 " % _byte_sum(block)
     return bytes(block)
+
+
+_OWNER_FIELDS: dict[tuple[int, int, int], bytes] = {}
+"""The mode, uid and gid fields of header blocks already made (formatting them is a third of
+the Python a small file costs the source)."""
+_NO_DEVICE = b"%07o\x00" % 0 * 2
+
+
+def _byte_sum(block: bytearray) -> int:
+    """Sum of a 512-byte block's bytes, in C: adler32's low half is 1 + the sum mod 65521, and
+    each half block sums to at most 256 x 255 = 65280, below the modulus."""
+    view = memoryview(block)
+    return (zlib.adler32(view[:256]) & 0xFFFF) + (zlib.adler32(view[256:]) & 0xFFFF) - 2
 
 
 def _octal(value: int, width: int) -> bytes:

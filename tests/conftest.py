@@ -6,6 +6,7 @@ command to run: integration tests never skip for want of Docker.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
 import uuid
@@ -112,3 +113,13 @@ def coordinator(
     proc.start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+def containers(docker_a: docker.DockerClient) -> Iterator[list[str]]:
+    """Ids of the containers a test makes on host A, removed afterwards."""
+    made: list[str] = []
+    yield made
+    for cid in made:
+        with contextlib.suppress(docker.errors.NotFound):
+            docker_a.api.remove_container(cid, force=True)

@@ -10,6 +10,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import docker
+
 from agents.manifest import Entry, EntryType, walk
 from agents.transfer_token import default_expiry, mint_transfer_token
 from tests.agentclient import AgentHTTP
@@ -43,6 +45,11 @@ def start_pull(
     )
     assert r.status_code == 202, r.text
     return pull_id
+
+
+def mountpoint(client: docker.DockerClient, name: str) -> Path:
+    """Where an engine keeps a volume's data (the agents read and write it there)."""
+    return Path(client.api.inspect_volume(name)["Mountpoint"])
 
 
 def get_pull(target: AgentProcess, pull_id: str) -> dict[str, Any]:

@@ -19,15 +19,11 @@ from tests.conftest import coordinator_config
 from tests.coordinatorclient import API
 from tests.fidelity import build_fidelity_tree
 from tests.testbed import AgentProcess, CoordinatorProcess, free_port
-from tests.transfers import assert_same_tree, wait_for
+from tests.transfers import assert_same_tree, mountpoint, wait_for
 
 pytestmark = pytest.mark.integration
 
 LABELS = {"app": "db", "com.example.owner": "ops — Ünïcode"}
-
-
-def mountpoint(client: docker.DockerClient, name: str) -> Path:
-    return Path(client.api.inspect_volume(name)["Mountpoint"])
 
 
 def body(volume: str, target: str | None = None, **options: Any) -> dict[str, Any]:

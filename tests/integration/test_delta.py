@@ -8,6 +8,7 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
@@ -15,16 +16,12 @@ import pytest
 from tests.agentclient import AgentHTTP
 from tests.faultproxy import FaultProxy, Faults
 from tests.testbed import AgentProcess
-from tests.transfers import assert_same_tree, start_pull, wait_pull
+from tests.transfers import assert_same_tree, mountpoint, start_pull, wait_pull
 
 pytestmark = pytest.mark.integration
 
 PAGE = 8 << 10
 CHUNK = 1 << 20
-
-
-def mountpoint(client: docker.DockerClient, name: str) -> Path:
-    return Path(client.api.inspect_volume(name)["Mountpoint"])
 
 
 def rewrite_pages(path: Path, pages: list[int]) -> int:
@@ -47,6 +44,23 @@ def first_copy(agent_a: AgentProcess, agent_b: AgentProcess, volume: str) -> str
     pull = wait_pull(agent_b, pull_id)
     assert pull["state"] == "succeeded", pull
     return pull_id
+
+
+def next_pass(
+    agent_a: AgentProcess, agent_b: AgentProcess, volume: str, earlier: str, **options: Any
+) -> dict[str, Any]:
+    """A later pass into the same target volume, continuing `earlier`, until it ends."""
+    pull_id = start_pull(
+        agent_a,
+        agent_b,
+        volume,
+        compression="none",
+        chunk_size=CHUNK,
+        if_target_exists="sync",
+        continues=earlier,
+        **options,
+    )
+    return wait_pull(agent_b, pull_id)
 
 
 def test_second_pass_sends_only_changed_blocks(
@@ -72,16 +86,8 @@ def test_second_pass_sends_only_changed_blocks(
     future = time.time_ns() + 10**9  # an mtime the target cannot already have
     os.utime(table, ns=(future, future))
 
-    pull_id = start_pull(
-        agent_a,
-        agent_b,
-        volume_name,
-        compression="none",
-        chunk_size=CHUNK,
-        if_target_exists="sync",
-        continues=earlier,
-    )
-    pull = wait_pull(agent_b, pull_id)
+    pull = next_pass(agent_a, agent_b, volume_name, earlier)
+    pull_id = pull["id"]
     assert pull["state"] == "succeeded", pull
     target = mountpoint(docker_b, volume_name)
     assert_same_tree(source_volume, target)
@@ -112,19 +118,7 @@ def test_cut_in_the_middle_of_a_patch_resumes(
     # Every other page of the first 8 MiB: a patch of 4 MiB in 512 runs, several frames.
     changed = rewrite_pages(big, list(range(0, 1024, 2)))
     with FaultProxy(agent_a.port, Faults(cut_at=[changed // 2])) as proxy:
-        pull = wait_pull(
-            agent_b,
-            start_pull(
-                agent_a,
-                agent_b,
-                volume_name,
-                source_url=proxy.url,
-                compression="none",
-                chunk_size=CHUNK,
-                if_target_exists="sync",
-                continues=earlier,
-            ),
-        )
+        pull = next_pass(agent_a, agent_b, volume_name, earlier, source_url=proxy.url)
         assert proxy.cuts == 1
     assert pull["state"] == "succeeded", pull
     assert pull["reconnects"] == 1
@@ -148,17 +142,7 @@ def test_renamed_large_files_are_renamed_not_resent(
     os.rename(wal / "000000010000000000000000", wal / "000000010000000000000004")
     os.rename(wal / "000000010000000000000001", wal / "000000010000000000000005")
     changed = rewrite_pages(wal / "000000010000000000000005", [0, 1])  # recycled, then written
-    pull = wait_pull(
-        agent_b,
-        start_pull(
-            agent_a,
-            agent_b,
-            volume_name,
-            compression="none",
-            if_target_exists="sync",
-            continues=earlier,
-        ),
-    )
+    pull = next_pass(agent_a, agent_b, volume_name, earlier)
     assert pull["state"] == "succeeded", pull
     assert pull["passes"][-1]["bytes"] < changed + (64 << 10), pull["passes"]
     target = mountpoint(docker_b, volume_name)

@@ -15,18 +15,11 @@ import pytest
 from tests.agentclient import assert_problem
 from tests.coordinatorclient import API
 from tests.images import busybox_image, run_sleeper
+from tests.quiesce import running
 from tests.testbed import AgentProcess, CoordinatorProcess
-from tests.transfers import assert_same_tree, wait_for
+from tests.transfers import assert_same_tree, mountpoint, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def mountpoint(client: docker.DockerClient, name: str) -> Path:
-    return Path(client.api.inspect_volume(name)["Mountpoint"])
-
-
-def running(client: docker.DockerClient, container_id: str) -> bool:
-    return bool(client.api.inspect_container(container_id)["State"]["Running"])
 
 
 @pytest.fixture

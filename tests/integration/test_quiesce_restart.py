@@ -5,15 +5,10 @@ succeeds. Containers that were not running before the migration are never starte
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
 import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import docker
 import pytest
@@ -21,86 +16,22 @@ import pytest
 from tests.conftest import coordinator_config
 from tests.coordinatorclient import API
 from tests.images import busybox_image, run_sleeper
+from tests.quiesce import (
+    actions,
+    fill,
+    get,
+    migrate,
+    not_running_container,
+    running,
+    status,
+    wait_stopped_in_final_pass,
+)
 from tests.testbed import AgentProcess, CoordinatorProcess
-from tests.transfers import TERMINAL, assert_same_tree, wait_for
+from tests.transfers import TERMINAL, assert_same_tree, mountpoint, wait_for
 
 pytestmark = pytest.mark.integration
 
-DATA = 16 << 20
 RATE = 2 << 20  # the final pass takes about 8 s: the window in which the coordinator dies
-
-
-def mountpoint(client: docker.DockerClient, name: str) -> Path:
-    return Path(client.api.inspect_volume(name)["Mountpoint"])
-
-
-def running(client: docker.DockerClient, container_id: str) -> bool:
-    return bool(client.api.inspect_container(container_id)["State"]["Running"])
-
-
-def status(client: docker.DockerClient, container_id: str) -> str:
-    return str(client.api.inspect_container(container_id)["State"]["Status"])
-
-
-def lifecycle(client: docker.DockerClient, container_id: str, since: float) -> list[str]:
-    """The container's `start` and `stop` events since `since` (Unix seconds), in order."""
-    # Nine decimals: the engine reads the part after the dot as nanoseconds.
-    stream = client.api.events(
-        since=f"{since:.9f}",
-        until=f"{time.time():.9f}",
-        filters={"type": "container", "container": container_id, "event": ["start", "stop"]},
-        decode=True,
-    )
-    try:
-        return [str(e["Action"]) for e in stream]
-    finally:
-        stream.close()
-
-
-def get(api: API, migration_id: str) -> dict[str, Any]:
-    r = api.request("GET", f"/v1/migrations/{migration_id}")
-    assert r.status_code == 200, r.text
-    doc: dict[str, Any] = r.json()
-    return doc
-
-
-def migrate(volume: str, **options: object) -> dict[str, object]:
-    return {
-        "source": {"agent": "host-a", "volume": volume},
-        "target": {"agent": "host-b"},
-        "options": {"quiesce": "stop", **options},
-    }
-
-
-def fill(client: docker.DockerClient, volume: str) -> Path:
-    """A volume holding 16 MiB of data older than the migration, as usual."""
-    client.api.create_volume(volume)
-    root = mountpoint(client, volume)
-    (root / "db").mkdir()
-    (root / "db" / "big").write_bytes(secrets.token_bytes(DATA - (64 << 10)))
-    for i in range(4):
-        (root / "db" / f"small{i}").write_bytes(secrets.token_bytes(16 << 10))
-    hour_ago = time.time_ns() - 3600 * 10**9
-    for path in [root, *root.rglob("*")]:
-        os.utime(path, ns=(hour_ago, hour_ago))
-    return root
-
-
-def not_running_container(client: docker.DockerClient, volume: str, *, exited: bool) -> str:
-    """A container that uses `volume` but is not running: created and never started, or
-    started and exited."""
-    container = client.api.create_container(
-        busybox_image(client),
-        command=["/bin/true"],
-        host_config=client.api.create_host_config(
-            binds={volume: {"bind": "/data", "mode": "rw"}}, network_mode="none"
-        ),
-    )
-    cid = str(container["Id"])
-    if exited:
-        client.api.start(cid)
-        assert client.api.wait(cid, timeout=30)["StatusCode"] == 0
-    return cid
 
 
 @pytest.fixture
@@ -118,33 +49,6 @@ def own_coordinator(
     yield proc
     proc.stop()
     shutil.rmtree(proc.dir, ignore_errors=True)
-
-
-@pytest.fixture
-def containers(docker_a: docker.DockerClient) -> Iterator[list[str]]:
-    """Ids of the containers a test makes on host A, removed afterwards."""
-    made: list[str] = []
-    yield made
-    for cid in made:
-        with contextlib.suppress(docker.errors.NotFound):
-            docker_a.api.remove_container(cid, force=True)
-
-
-def wait_stopped_in_final_pass(
-    api: API, docker_a: docker.DockerClient, migration_id: str, apps: list[str]
-) -> None:
-    """Until the source's containers are stopped and the (only, final) pass is under way."""
-
-    def ready() -> bool:
-        m = get(api, migration_id)
-        assert m["state"] not in TERMINAL, m  # too late: the window was missed
-        return (
-            m["phase"] == "transferring"
-            and m["progress"]["bytes_done"] >= 1 << 20
-            and not any(running(docker_a, c) for c in apps)
-        )
-
-    wait_for(ready, timeout=30, what="the containers stopped and the final pass under way")
 
 
 @pytest.mark.parametrize("ending", ["target_dies", "cancel"])
@@ -195,12 +99,12 @@ def test_coordinator_killed_while_quiesced_then_migration_fails_restarts_contain
     assert done["result"]["target_complete"] is False
     for c in apps:
         assert running(docker_a, c), f"source container {c[:12]} was left stopped\n{log}"
-        assert lifecycle(docker_a, c, since) == ["stop", "start"]
+        assert actions(docker_a, c, since) == ["stop", "start"]
     # Containers that were not running before the migration are not started by it.
     assert status(docker_a, created_only) == "created"
     assert status(docker_a, exited) == "exited"
-    assert lifecycle(docker_a, created_only, since) == []
-    assert lifecycle(docker_a, exited, since) == []
+    assert actions(docker_a, created_only, since) == []
+    assert actions(docker_a, exited, since) == []
 
 
 def test_coordinator_killed_while_quiesced_then_migration_succeeds(
@@ -236,7 +140,7 @@ def test_coordinator_killed_while_quiesced_then_migration_succeeds(
     # The downtime counts from the stop before the crash, not from the resumed run.
     assert outage < result["downtime_s"] < result["duration_s"], (outage, result)
     assert running(docker_a, app)
-    assert lifecycle(docker_a, app, since) == ["stop", "start"]  # stopped once, started once
+    assert actions(docker_a, app, since) == ["stop", "start"]  # stopped once, started once
     restarts = [
         e
         for e in api.events(mid)
@@ -244,7 +148,7 @@ def test_coordinator_killed_while_quiesced_then_migration_succeeds(
     ]
     assert len(restarts) == 1, restarts
     assert status(docker_a, idle) == "exited"
-    assert lifecycle(docker_a, idle, since) == []
+    assert actions(docker_a, idle, since) == []
     assert_same_tree(root, mountpoint(docker_b, volume_name))
 
 
@@ -293,5 +197,5 @@ def test_coordinator_killed_while_stopping_the_containers(
     assert done["result"]["consistency"] == "quiesced", done["result"]
     assert done["result"]["verified"] is True
     assert running(docker_a, app), f"the container was left stopped\n{own_coordinator.log_tail()}"
-    assert lifecycle(docker_a, app, since) == ["stop", "start"]
+    assert actions(docker_a, app, since) == ["stop", "start"]
     assert_same_tree(root, mountpoint(docker_b, volume_name))

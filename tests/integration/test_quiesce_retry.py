@@ -9,11 +9,9 @@ pull for its final pass: it stops the app a second time, copies the source as of
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,31 +21,21 @@ import pytest
 from agents.manifest import EntryType, walk
 from tests.coordinatorclient import API
 from tests.images import busybox_image
-from tests.integration.test_quiesce_restart import (
+from tests.quiesce import (
+    events,
     fill,
     get,
     migrate,
-    mountpoint,
     running,
     wait_stopped_in_final_pass,
 )
 from tests.testbed import AgentProcess, CoordinatorProcess
-from tests.transfers import file_sha256, get_pull, wait_pull
+from tests.transfers import file_sha256, get_pull, mountpoint, wait_pull
 
 pytestmark = pytest.mark.integration
 
 RATE = 2 << 20  # the 16 MiB final pass takes about 8 s: the window in which the target dies
 LOG = "app.log"
-
-
-@pytest.fixture
-def containers(docker_a: docker.DockerClient) -> Iterator[list[str]]:
-    """Ids of the containers a test makes on host A, removed afterwards."""
-    made: list[str] = []
-    yield made
-    for cid in made:
-        with contextlib.suppress(docker.errors.NotFound):
-            docker_a.api.remove_container(cid, force=True)
 
 
 def run_logger(client: docker.DockerClient, volume: str, name: str) -> str:
@@ -68,20 +56,6 @@ def run_logger(client: docker.DockerClient, volume: str, name: str) -> str:
     )
     client.api.start(container["Id"])
     return str(container["Id"])
-
-
-def lifecycle(client: docker.DockerClient, container_id: str, since: float) -> list[Any]:
-    """The container's `start` and `stop` events since `since`: (action, Unix seconds)."""
-    stream = client.api.events(
-        since=f"{since:.9f}",
-        until=f"{time.time():.9f}",
-        filters={"type": "container", "container": container_id, "event": ["start", "stop"]},
-        decode=True,
-    )
-    try:
-        return [(str(e["Action"]), int(e["timeNano"]) / 1e9) for e in stream]
-    finally:
-        stream.close()
 
 
 def tree(root: Path) -> dict[bytes, tuple[Any, ...]]:
@@ -164,16 +138,16 @@ def assert_quiesced_again(
     result = done["result"]
     assert result["consistency"] == "quiesced", result
     assert result["verified"] is True, result
-    events = lifecycle(docker_a, app, since)
+    seen = events(docker_a, app, since)
     # Stopped for the first final pass, started when it failed, stopped again for the retry's
     # final pass, started when it was read.
-    assert [action for action, _ in events] == ["stop", "start", "stop", "start"], events
-    first_down = events[1][1] - events[0][1]
-    second_down = events[3][1] - events[2][1]
+    assert [action for action, _ in seen] == ["stop", "start", "stop", "start"], seen
+    first_down = seen[1][1] - seen[0][1]
+    second_down = seen[3][1] - seen[2][1]
     # The downtime is the retry's: from its stop (issued a moment before the engine's event)
     # to the start, not the first attempt's.
-    assert second_down - 0.5 < result["downtime_s"] < second_down + 2, (result, events)
-    assert result["downtime_s"] < min(first_down, took), (result, events, took)
+    assert second_down - 0.5 < result["downtime_s"] < second_down + 2, (result, seen)
+    assert result["downtime_s"] < min(first_down, took), (result, seen, took)
     assert result["downtime_s"] < result["duration_s"]
     assert running(docker_a, app), f"the app was left stopped\n{log}"
 

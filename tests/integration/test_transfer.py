@@ -18,6 +18,7 @@ from tests.testbed import AgentProcess
 from tests.transfers import (
     assert_same_tree,
     get_pull,
+    mountpoint,
     start_pull,
     wait_for,
     wait_pull,
@@ -27,10 +28,6 @@ pytestmark = pytest.mark.integration
 
 CHUNK = 1 << 20  # small frames, so "at most one frame re-sent" is a sharp bound
 FRAME_OVERHEAD = 64
-
-
-def mountpoint(client: docker.DockerClient, name: str) -> Path:
-    return Path(client.api.inspect_volume(name)["Mountpoint"])
 
 
 @pytest.fixture
