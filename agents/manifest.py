@@ -148,12 +148,17 @@ def entry_to_json(entry: Entry) -> dict[str, Any]:
 
 
 def entry_from_json(doc: dict[str, Any]) -> Entry:
-    """Inverse of `entry_to_json`; raises KeyError/ValueError/TypeError on a malformed object."""
+    """Inverse of `entry_to_json`; raises KeyError/ValueError/TypeError on a malformed object.
+    (Read back once per entry for every stream, so the common empty fields take no work.)"""
     segments = doc.get("data_segments")
-    rdev = doc.get("rdev") or [0, 0]
+    rdev = doc.get("rdev")
+    xattrs = doc.get("xattrs")
+    link_target = doc.get("link_target")
+    hardlink_of = doc.get("hardlink_of")
+    patch = doc.get("patch")
     return Entry(
         path=encode_path(doc["path"]),
-        type=EntryType(doc["type"]),
+        type=_TYPE_VALUES[doc["type"]],
         mode=int(doc["mode"]),
         uid=int(doc["uid"]),
         gid=int(doc["gid"]),
@@ -162,16 +167,19 @@ def entry_from_json(doc: dict[str, Any]) -> Entry:
         ctime_ns=int(doc["ctime_ns"]),
         ino=int(doc["ino"]),
         nlink=int(doc.get("nlink", 1)),
-        link_target=None if doc.get("link_target") is None else encode_path(doc["link_target"]),
-        hardlink_of=None if doc.get("hardlink_of") is None else encode_path(doc["hardlink_of"]),
-        xattrs=tuple(
-            sorted((str(k), base64.b64decode(v)) for k, v in (doc.get("xattrs") or {}).items())
-        ),
+        link_target=None if link_target is None else encode_path(link_target),
+        hardlink_of=None if hardlink_of is None else encode_path(hardlink_of),
+        xattrs=tuple(sorted((str(k), base64.b64decode(v)) for k, v in xattrs.items()))
+        if xattrs
+        else (),
         data_segments=None if segments is None else tuple((int(o), int(n)) for o, n in segments),
-        rdev_major=int(rdev[0]),
-        rdev_minor=int(rdev[1]),
-        patch=None if doc.get("patch") is None else Patch.from_json(doc["patch"]),
+        rdev_major=int(rdev[0]) if rdev else 0,
+        rdev_minor=int(rdev[1]) if rdev else 0,
+        patch=None if patch is None else Patch.from_json(patch),
     )
+
+
+_TYPE_VALUES = {t.value: t for t in EntryType}
 
 
 @dataclass(slots=True)
@@ -265,10 +273,16 @@ def _sparse_map(path: bytes, st: os.stat_result) -> tuple[tuple[int, int], ...] 
 
 
 def describe(
-    root: bytes, rel: bytes, st: os.stat_result, first_links: dict[tuple[int, int], bytes]
+    root: bytes,
+    rel: bytes,
+    st: os.stat_result,
+    first_links: dict[tuple[int, int], bytes],
+    full: bytes | None = None,
 ) -> Entry:
-    """Build the entry for `rel` (relative to `root`) from its `lstat` result."""
-    full = root if rel == ROOT else os.path.join(root, rel)
+    """Build the entry for `rel` (relative to `root`; `full` is both joined, if known) from its
+    `lstat` result."""
+    if full is None:
+        full = root if rel == ROOT else os.path.join(root, rel)
     kind = _TYPES.get(stat.S_IFMT(st.st_mode))
     if kind is None:
         raise ValueError(f"unknown file type {stat.S_IFMT(st.st_mode):o} at {rel!r}")
@@ -328,11 +342,15 @@ def _walk_dir(
         names = sorted(os.listdir(full_dir))
     except FileNotFoundError:
         return
+    # Joined by hand: os.path.join costs a microsecond, three times per entry.
+    dir_prefix = full_dir if full_dir.endswith(b"/") else full_dir + b"/"
+    rel_prefix = rel_dir + b"/" if rel_dir else b""
     for name in names:
-        rel = os.path.join(rel_dir, name) if rel_dir else name
+        rel = rel_prefix + name
+        full = dir_prefix + name
         try:
-            st = os.lstat(os.path.join(root, rel))
-            entry = describe(root, rel, st, first_links)
+            st = os.lstat(full)
+            entry = describe(root, rel, st, first_links, full)
         except FileNotFoundError:
             continue
         yield entry
