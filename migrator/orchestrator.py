@@ -859,10 +859,13 @@ class Orchestrator:
                     m, "following the pull", lambda: target.get_pull(pull_id)
                 )
             except AgentRefused as e:
-                if e.code == "pull_not_found":  # the target lost its state: start it again
+                if e.code != "pull_not_found":
+                    raise MigrationFailed(e.code, e.detail) from e
+                try:  # the target lost its state: start it again
                     await self._retrying(m, "restarting the pull", lambda: target.create_pull(body))
-                    continue
-                raise MigrationFailed(e.code, e.detail) from e
+                except AgentRefused as refused:
+                    raise MigrationFailed(refused.code, refused.detail) from refused
+                continue
             seen = (pull["state"], pull["progress"], pull.get("created_volume"))
             if seen != last_seen:  # an unchanged poll writes nothing
                 last_seen = seen
