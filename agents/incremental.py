@@ -119,12 +119,9 @@ def plan(
 def _patchable(src: Entry, dst: Entry) -> bool:
     """A file the source can send as a block delta against the target's copy."""
     return (
-        src.type is EntryType.FILE
+        src.single_file
         and dst.type is EntryType.FILE
-        and src.hardlink_of is None
-        and src.nlink == 1
         and dst.nlink == 1
-        and src.data_segments is None
         and worth_a_patch(src.size, dst.size)
     )
 
@@ -236,7 +233,7 @@ class _Planner:
         for new in self.new_large:
             spare = _pop_free(by_stamp.get((new.size, new.mtime_ns)), taken)
             spare = spare or _pop_free(by_size.get(new.size), taken)
-            if spare is None or not _rename(self.root, spare.path, new.path):
+            if spare is None or not _rename(self.files, spare.path, new.path):
                 continue
             taken.add(spare.path)
             if self.on_delete is not None:
@@ -258,28 +255,12 @@ def _pop_free(candidates: list[Entry] | None, taken: set[bytes]) -> Entry | None
     return None
 
 
-def _open_dir(root: bytes, path: bytes) -> int | None:
-    """Directory `path` under `root`, every component opened without following symlinks."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    for name in path.split(b"/") if path else ():
-        try:
-            child = os.open(
-                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-            )
-        except OSError:
-            os.close(fd)
-            return None
-        os.close(fd)
-        fd = child
-    return fd
-
-
-def _rename(root: bytes, old: bytes, new: bytes) -> bool:
+def _rename(files: VolumeFiles, old: bytes, new: bytes) -> bool:
     """Move the target's `old` to `new` (whose directory must exist and which must not);
     False when that cannot be done safely."""
     (old_dir, old_name), (new_dir, new_name) = os.path.split(old), os.path.split(new)
-    src_fd = _open_dir(root, old_dir)
-    dst_fd = _open_dir(root, new_dir) if src_fd is not None else None
+    src_fd = files.directory(old_dir)
+    dst_fd = files.directory(new_dir) if src_fd is not None else None
     try:
         if src_fd is None or dst_fd is None:
             return False

@@ -94,6 +94,17 @@ class Entry:
         return self.data_segments is not None
 
     @property
+    def single_file(self) -> bool:
+        """A regular file with one link and no recorded holes: its bytes are its content, and a
+        block delta can stand for it (agents/delta.py)."""
+        return (
+            self.type is EntryType.FILE
+            and self.hardlink_of is None
+            and self.nlink == 1
+            and self.data_segments is None
+        )
+
+    @property
     def data_size(self) -> int:
         """Bytes that carry data: the size, or only the data runs of a sparse file."""
         if self.type is not EntryType.FILE or self.hardlink_of is not None:

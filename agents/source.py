@@ -28,7 +28,7 @@ from agents import tarstream
 from agents.delta import Base, diff
 from agents.frames import FrameEncoder, next_chunk_length
 from agents.incremental import select
-from agents.manifest import Entry, EntryType, Totals, entry_from_json, entry_to_json, walk
+from agents.manifest import Entry, Totals, entry_from_json, entry_to_json, walk
 from agents.tarstream import VolumeFiles
 
 log = logging.getLogger("migrator_agent.source")
@@ -118,7 +118,7 @@ def with_patches(
     with VolumeFiles(root) as files:
         for entry in entries:
             base = bases.get(entry.path)
-            if base is None or not _patchable(entry):
+            if base is None or not entry.single_file:
                 yield entry
                 continue
             fd = files.open(entry.path)
@@ -141,15 +141,6 @@ def with_patches(
             compared,
             100 * sent / max(compared, 1),
         )
-
-
-def _patchable(entry: Entry) -> bool:
-    return (
-        entry.type is EntryType.FILE
-        and entry.hardlink_of is None
-        and entry.nlink == 1
-        and entry.data_segments is None
-    )
 
 
 def identify(root: str | bytes, selection: list[bytes] | None = None) -> StreamIdentity:

@@ -574,6 +574,12 @@ class VolumeFiles:
         dir_fd = self._parents.open(directory)
         return None if dir_fd is None else _open_regular(dir_fd, name)
 
+    def directory(self, path: bytes) -> int | None:
+        """A descriptor of directory `path` (b"" for the root) of its own (the caller closes
+        it), reached as parents are; None when it is gone or not a directory all the way."""
+        fd = self._parents.open(path)
+        return None if fd is None else os.dup(fd)
+
     def close(self) -> None:
         self._parents.close()
 
