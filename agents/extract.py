@@ -62,6 +62,7 @@ import json
 import os
 import stat
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol
 
 from agents.content import PathIndex
@@ -94,6 +95,8 @@ _DIRS_LOG = b"extract-dirs.jsonl"
 _FILES_LOG = b"extract-paths.bin"  # the regular files written: (4-byte length, path) records
 _FILES_INDEX = b"extract-paths.db"  # a lookup index over it, built when a hard link asks
 _READ_SIZE = 1 << 20
+CONCURRENT_HASH_MIN = 256 << 10  # data chunks at least this large are hashed while written
+WRITEBACK_PIECE = 1 << 20  # ... in pieces, each sent to the disk right away (_start_writeback)
 _RECENT_BYTES = 4 << 20  # memory for the paths kept for hard links to recent files
 _RECENT_OVERHEAD = 100  # bytes a set entry costs besides its path
 # Stream phases; compared by identity (a restored phase is mapped back through _PHASES).
@@ -155,13 +158,24 @@ def _journal_paths(fd: int, start: int, end: int) -> Iterator[bytes]:
         raise OSError(errno.EIO, "the files journal ends inside a record")
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_SYNC_FILE_RANGE_WRITE = 2
+
+
 def _syncfs(fd: int) -> None:
     # One syncfs per commit flushes every file closed since the last one in a single journal
     # commit; an fsync per small file would cost a journal commit each.
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syncfs(fd) != 0:
+    if _LIBC.syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Asks the kernel to start writing a range to disk now, without waiting for it: the
+    commit's fsync then waits for the last piece only, not for the whole frame, and the disk
+    works while the rest of the frame is written. A hint; failures are ignored."""
+    _LIBC.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _proc_path(dir_fd: int, name: bytes) -> bytes:
@@ -278,6 +292,7 @@ class Extractor:
         self._fresh = False
         """... and in a directory that passes no xattrs on (see `_inherits`)."""
         self._hasher: _Hasher = hashlib.sha256()
+        self._pool: ThreadPoolExecutor | None = None
         self._data_size = 0
         self._data_done = 0
         self._hash_pos = 0
@@ -425,6 +440,9 @@ class Extractor:
             if self._index is not None:
                 self._index.close()
                 self._index = None
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
 
     def __enter__(self) -> Extractor:
         return self
@@ -609,15 +627,37 @@ class Extractor:
             self._hash_zeros(offset)
             n = min(len(mv), length - self._run_off)
             chunk = mv[:n]
-            done = 0
-            while done < n:
-                done += os.pwrite(self._fd, chunk[done:], offset + self._run_off + done)
-            self._hasher.update(chunk)
+            # A large chunk is hashed in a helper thread while it is written (both release the
+            # GIL: the writer is the slowest stage of a pull), and its pieces go to the disk
+            # while the next ones are written.
+            hashing = (
+                self._hash_pool().submit(self._hasher.update, chunk)
+                if n >= CONCURRENT_HASH_MIN
+                else None
+            )
+            try:
+                at, done = offset + self._run_off, 0
+                while done < n:
+                    piece = chunk[done : done + WRITEBACK_PIECE]
+                    written = os.pwrite(self._fd, piece, at + done)
+                    if hashing is not None:
+                        _start_writeback(self._fd, at + done, written)
+                    done += written
+            finally:
+                if hashing is not None:
+                    hashing.result()
+                else:
+                    self._hasher.update(chunk)
             self._run_off += n
             self._hash_pos += n
             self._data_done += n
             self.bytes_written += n
             mv = mv[n:]
+
+    def _hash_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract-hash")
+        return self._pool
 
     def _hash_zeros(self, upto: int) -> None:
         while self._hash_pos < upto:

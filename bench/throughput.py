@@ -673,6 +673,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-baselines", action="store_true", help="measure only the product (for profiling)"
     )
     p.add_argument(
+        "--baselines",
+        default=None,
+        help="comma-separated subset of the baselines to measure (default: all of a workload's)",
+    )
+    p.add_argument(
         "--py-spy",
         type=Path,
         metavar="DIR",
@@ -772,6 +777,9 @@ def main(argv: list[str] | None = None) -> int:
             wl = table[key]
             src = source_volume(bed, wl)
             baselines = () if args.no_baselines else wl.baselines
+            if args.baselines is not None:
+                keep = {b.strip() for b in args.baselines.split(",")}
+                baselines = tuple(b for b in baselines if b in keep)
             measure(bed, wl, src, modes, baselines, rows)
     finally:
         cleanup(bed, engine_a, engine_b, args, [table[k] for k in chosen])
