@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -197,3 +198,96 @@ def _add_run(runs: list[tuple[int, int]], offset: int, length: int) -> None:
         runs[-1] = (runs[-1][0], runs[-1][1] + length)
     else:
         runs.append((offset, length))
+
+
+def patched(fd: int, base: Base, runs: tuple[tuple[int, int], ...], size: int) -> Base:
+    """The base of a file after a patch with `runs` was written over the copy `base`
+    describes and the file was cut to `size`: only the blocks the runs touched are read again."""
+    block = base.block_size
+    count = -(-size // block)
+    digests = bytearray(base.digests[: count * DIGEST_SIZE])
+    if len(digests) < count * DIGEST_SIZE:  # grown: the new blocks are in the runs
+        digests.extend(bytes(count * DIGEST_SIZE - len(digests)))
+    if base.blocks > count or (base.blocks == count and size % block):
+        touched = [(count - 1) * block]  # the (new) last block may have been cut short
+    else:
+        touched = []
+    for offset, length in runs:
+        touched.extend(range(offset // block * block, offset + length, block))
+    for start in sorted(set(touched)):
+        index = start // block
+        if index >= count:
+            continue
+        data = _digests(fd, start, min(start + block, size), block)
+        digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = data[:DIGEST_SIZE]
+    return Base(block, bytes(digests))
+
+
+FileKey = tuple[int, int, int, int, int]
+"""What must not have changed for a kept base to describe a file: device, inode, size, mtime
+and ctime (nanoseconds). Any write, truncate, chmod, rename or new link changes the ctime."""
+
+
+def file_key(st: os.stat_result) -> FileKey:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class BaseCache:
+    """Bases of the target's large files, kept from one pass into a volume to the next.
+
+    In a pre-copy migration the same large files are patched in every pass, and the next pass
+    would describe them again: reading and hashing every byte of them, ~1 s a GB, in the final
+    pass during the downtime. A pass that keeps bases records each large file it writes (a
+    patched one from its old base and the blocks the patch touched, a new one by reading it back
+    while it is in the page cache); the next pass takes a base from here when the file's
+    `FileKey` is unchanged, and describes it otherwise. Thread-safe; bounded in memory (a base
+    is at most 2 MiB of digests per GiB, TARGET_BLOCKS x 16 bytes for larger files)."""
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._bases: dict[tuple[str, bytes], tuple[FileKey, Base]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, volume: str, path: bytes, st: os.stat_result, block_size: int) -> Base | None:
+        with self._lock:
+            kept = self._bases.get((volume, path))
+        if kept is None or kept[0] != file_key(st) or kept[1].block_size != block_size:
+            return None
+        return kept[1]
+
+    def last(self, volume: str, path: bytes) -> Base | None:
+        """The base kept for a path, whatever happened to the file since."""
+        with self._lock:
+            kept = self._bases.get((volume, path))
+        return None if kept is None else kept[1]
+
+    def put(self, volume: str, path: bytes, st: os.stat_result, base: Base) -> None:
+        with self._lock:
+            self._drop((volume, path))
+            if self._bytes + len(base.digests) > self.max_bytes:
+                return
+            self._bases[(volume, path)] = (file_key(st), base)
+            self._bytes += len(base.digests)
+
+    def moved(
+        self, volume: str, old: bytes, new: bytes, before: os.stat_result, after: os.stat_result
+    ) -> None:
+        """`old` was renamed to `new`: its base follows if it still described the file."""
+        with self._lock:
+            kept = self._bases.get((volume, old))
+            self._drop((volume, old))
+            self._drop((volume, new))
+            if kept is not None and kept[0] == file_key(before):
+                self._bases[(volume, new)] = (file_key(after), kept[1])
+                self._bytes += len(kept[1].digests)
+
+    def forget(self, volume: str) -> None:
+        with self._lock:
+            for key in [k for k in self._bases if k[0] == volume]:
+                self._drop(key)
+
+    def _drop(self, key: tuple[str, bytes]) -> None:
+        kept = self._bases.pop(key, None)
+        if kept is not None:
+            self._bytes -= len(kept[1].digests)

@@ -66,6 +66,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol
 
 from agents.content import PathIndex
+from agents.delta import MIN_DELTA_SIZE
 from agents.manifest import EntryType
 from agents.tarparse import (
     BLOCK,
@@ -248,6 +249,8 @@ class Extractor:
     Digests of finished regular files go to `on_file`, or are queued for `drain_digests()`.
     After a resume, files finished after the checkpoint are reported again: keep the last
     digest per path. Hard links are not reported (their content is the first path's).
+    `on_large_file(header, fd)` sees each regular file of MIN_DELTA_SIZE or more once it is
+    written and its metadata applied, before it is closed (the pull keeps its base from it).
     Memory does not grow with the number of entries: the paths of the regular files written
     (for the hard-link check) are kept on disk in `state_dir`.
 
@@ -265,6 +268,7 @@ class Extractor:
         allow_existing_links: bool = False,
         limits: Limits = DEFAULT_LIMITS,
         on_file: Callable[[FileDigest], None] | None = None,
+        on_large_file: Callable[[Header, int], None] | None = None,
         checkpoint: Mapping[str, Any] | None = None,
     ) -> None:
         """Start a fresh extraction, or continue one from `checkpoint` (see `resume`).
@@ -276,6 +280,7 @@ class Extractor:
         self.allow_existing_links = allow_existing_links
         self.limits = limits
         self._on_file = on_file
+        self._on_large_file = on_large_file
         self._digests: list[FileDigest] = []
         self.offset = 0
         self.bytes_written = 0
@@ -337,6 +342,7 @@ class Extractor:
         allow_existing_links: bool = False,
         limits: Limits = DEFAULT_LIMITS,
         on_file: Callable[[FileDigest], None] | None = None,
+        on_large_file: Callable[[Header, int], None] | None = None,
     ) -> Extractor:
         """Continue from a `commit()` checkpoint; feed the stream from checkpoint["offset"]."""
         return cls(
@@ -346,6 +352,7 @@ class Extractor:
             allow_existing_links=allow_existing_links,
             limits=limits,
             on_file=on_file,
+            on_large_file=on_large_file,
             checkpoint=checkpoint,
         )
 
@@ -680,6 +687,8 @@ class Extractor:
         if truncate:
             os.ftruncate(fd, h.size)
         _apply_meta_fd(fd, h, fresh=self._fresh)
+        if self._on_large_file is not None and h.size >= MIN_DELTA_SIZE:
+            self._on_large_file(h, fd)
         self._fd = None
         os.close(fd)
         path = h.path

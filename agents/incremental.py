@@ -21,6 +21,7 @@ agents/delta.py), so the source sends only the blocks that differ.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,7 +33,15 @@ from pathlib import Path
 
 import aiohttp
 
-from agents.delta import Base, BaseError, block_size_for, describe, worth_a_patch
+from agents.delta import (
+    Base,
+    BaseCache,
+    BaseError,
+    block_size_for,
+    describe,
+    file_key,
+    worth_a_patch,
+)
 from agents.manifest import ROOT, Entry, EntryType, decode_path, encode_path, entry_from_json, walk
 from agents.tarstream import VolumeFiles
 
@@ -126,7 +135,41 @@ def _patchable(src: Entry, dst: Entry) -> bool:
     )
 
 
-def _base(files: VolumeFiles, src: Entry, dst: Entry) -> Base | None:
+@dataclasses.dataclass
+class Bases:
+    """Where a plan gets the bases of the target's files: `cache` (of the volume `volume`)
+    when it still describes a file, else by describing it, kept in the cache with `keep`."""
+
+    cache: BaseCache
+    volume: str
+    keep: bool = False
+    described: int = 0
+    cached: int = 0
+
+    def base(self, files: VolumeFiles, src: Entry, dst: Entry) -> Base | None:
+        fd = files.open(dst.path)
+        if fd is None:
+            return None
+        try:
+            block = block_size_for(max(src.size, dst.size))
+            st = os.fstat(fd)
+            if st.st_size == dst.size:
+                kept = self.cache.get(self.volume, dst.path, st, block)
+                if kept is not None:
+                    self.cached += 1
+                    return kept
+            base = describe(fd, dst.size, block)
+            self.described += 1
+            if self.keep and st.st_size == dst.size and file_key(os.fstat(fd)) == file_key(st):
+                self.cache.put(self.volume, dst.path, st, base)
+            return base
+        finally:
+            os.close(fd)
+
+
+def _base(files: VolumeFiles, src: Entry, dst: Entry, bases: Bases | None) -> Base | None:
+    if bases is not None:
+        return bases.base(files, src, dst)
     fd = files.open(dst.path)
     if fd is None:
         return None
@@ -144,6 +187,7 @@ def plan_with_bases(
     on_delete: OnDelete | None = None,
     deltas: bool = True,
     renamed: dict[bytes, Base] | None = None,
+    bases: Bases | None = None,
 ) -> Iterator[tuple[bytes, Base | None]]:
     """`plan`, and for each selected large file the target already has, the base of the
     target's copy (agents/delta.py), so the source sends only the blocks that differ.
@@ -153,10 +197,10 @@ def plan_with_bases(
     log rotation renames too). When the join is done, each new large file on the source takes
     over a leftover of the same size (the same mtime first) by a rename on the target, and its
     base goes into `renamed` (the caller adds it to the path's selection line); leftovers
-    nobody takes are deleted then."""
+    nobody takes are deleted then. Bases come from `bases` when given (see `Bases`)."""
     root = os.fsencode(target_root)
     with VolumeFiles(root) as files:
-        planner = _Planner(root, files, window_start_ns, on_delete, deltas)
+        planner = _Planner(root, files, window_start_ns, on_delete, deltas, bases)
         yield from planner.join(source)
         paired = planner.reuse_leftovers()
     if renamed is not None:
@@ -171,8 +215,10 @@ class _Planner:
         window_start_ns: int | None,
         on_delete: OnDelete | None,
         deltas: bool,
+        bases: Bases | None = None,
     ) -> None:
         self.root = root
+        self.bases = bases
         self.files = files
         self.window_start_ns = window_start_ns
         self.on_delete = on_delete
@@ -206,7 +252,7 @@ class _Planner:
                 selected_inodes.add(src.path)
             base = None
             if self.deltas and same is not None and _patchable(src, same):
-                base = _base(self.files, src, same)
+                base = _base(self.files, src, same, self.bases)
             elif self.deltas and same is None and _patchable(src, src):
                 self.new_large.append(src)
             yield src.path, base
@@ -233,12 +279,12 @@ class _Planner:
         for new in self.new_large:
             spare = _pop_free(by_stamp.get((new.size, new.mtime_ns)), taken)
             spare = spare or _pop_free(by_size.get(new.size), taken)
-            if spare is None or not _rename(self.files, spare.path, new.path):
+            if spare is None or not _rename(self.files, spare.path, new.path, self.bases):
                 continue
             taken.add(spare.path)
             if self.on_delete is not None:
                 self.on_delete(spare.path)
-            base = _base(self.files, new, dataclasses.replace(spare, path=new.path))
+            base = _base(self.files, new, dataclasses.replace(spare, path=new.path), self.bases)
             if base is not None:
                 paired[new.path] = base
         for old in self.leftovers:
@@ -255,9 +301,9 @@ def _pop_free(candidates: list[Entry] | None, taken: set[bytes]) -> Entry | None
     return None
 
 
-def _rename(files: VolumeFiles, old: bytes, new: bytes) -> bool:
+def _rename(files: VolumeFiles, old: bytes, new: bytes, bases: Bases | None = None) -> bool:
     """Move the target's `old` to `new` (whose directory must exist and which must not);
-    False when that cannot be done safely."""
+    False when that cannot be done safely. A base kept for `old` follows it."""
     (old_dir, old_name), (new_dir, new_name) = os.path.split(old), os.path.split(new)
     src_fd = files.directory(old_dir)
     dst_fd = files.directory(new_dir) if src_fd is not None else None
@@ -270,9 +316,14 @@ def _rename(files: VolumeFiles, old: bytes, new: bytes) -> bool:
         except FileNotFoundError:
             pass
         try:
+            before = os.stat(old_name, dir_fd=src_fd, follow_symlinks=False)
             os.rename(old_name, new_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
         except OSError:
             return False
+        if bases is not None:
+            with contextlib.suppress(OSError):
+                after = os.stat(new_name, dir_fd=dst_fd, follow_symlinks=False)
+                bases.cache.moved(bases.volume, old, new, before, after)
         return True
     finally:
         for fd in (src_fd, dst_fd):
@@ -392,6 +443,7 @@ async def plan_incremental_pass(
     *,
     window_start_ns: int | None,
     on_delete: OnDelete | None = None,
+    bases: Bases | None = None,
 ) -> int:
     """Fetch the source manifest, plan against the target, write the selection file.
     Returns the number of selected paths."""
@@ -408,6 +460,7 @@ async def plan_incremental_pass(
                 window_start_ns=window_start_ns,
                 on_delete=on_delete,
                 renamed=renamed,
+                bases=bases,
             ):
                 out.write(selection_line(path, base))
                 count += 1
@@ -417,10 +470,13 @@ async def plan_incremental_pass(
             _add_bases(selection_path, renamed)
         if described or renamed:
             log.info(
-                "%d of %d selected paths described block by block, %d of them renamed leftovers",
+                "%d of %d selected paths described block by block, %d of them renamed "
+                "leftovers; %d bases kept from the last pass, %d read",
                 described + len(renamed),
                 count,
                 len(renamed),
+                bases.cached if bases is not None else 0,
+                bases.described if bases is not None else described + len(renamed),
             )
         return count
 

@@ -23,8 +23,9 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,12 @@ import aiohttp
 
 from agents import frames
 from agents.content import ContentDB, verify_volume
+from agents.delta import BaseCache, block_size_for, describe, patched
 from agents.docker_volumes import DockerVolumes
 from agents.errors import AgentError, Conflict, InvalidRequest, PullNotFound, check_volume_name
 from agents.extract import Extractor
-from agents.incremental import PlanError, plan_incremental_pass
-from agents.tarparse import ExtractError, WriteFailed
+from agents.incremental import Bases, PlanError, plan_incremental_pass
+from agents.tarparse import ExtractError, Header, WriteFailed
 from agents.volumes import shared_storage_reason, unreadable_reason
 
 log = logging.getLogger("migrator_agent.pulls")
@@ -130,6 +132,9 @@ class PullSpec:
     """Finish after a pass even if files changed while they were read (a pre-copy pass, or a
     crash-consistent copy of a volume in use): the next pass, if any, sends them again.
     Without it the pull runs incremental passes until the source holds still."""
+    keep_bases: bool = False
+    """Another pass into this volume follows (pre-copy): keep the block digests of the large
+    files written, so that pass need not read them again (agents/delta.py, BaseCache)."""
 
     def public(self) -> dict[str, Any]:
         return {
@@ -149,6 +154,7 @@ _OPTION_TYPES: dict[str, Any] = {
     "continues": (str, type(None)),
     "window_start_ns": (int, type(None)),
     "accept_dirty": bool,
+    "keep_bases": bool,
 }
 
 
@@ -372,6 +378,8 @@ class PullManager:
         self.retry = retry
         self.volumes = volumes
         self.allow_devices = allow_devices
+        self.bases = BaseCache()
+        """Block digests of large target files, from one pass into a volume to the next."""
         self.pulls: dict[str, Pull] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -609,6 +617,7 @@ class PullManager:
                 pull.dir / "selection",
                 window_start_ns=previous.source_now_ns,
                 on_delete=pull.content.forget,
+                bases=Bases(self.bases, pull.spec.volume, keep=pull.spec.keep_bases),
             )
         except PlanError as e:
             if e.code == "transfer_failed":
@@ -798,6 +807,7 @@ class PullManager:
                 state,
                 allow_devices=self.allow_devices,
                 allow_existing_links=j.incremental,
+                on_large_file=self._base_keeper(pull),
             )
         # Frames past the journal were never committed: drop their digests.
         with open(digests, "ab") as f:
@@ -808,7 +818,34 @@ class PullManager:
             j.checkpoint,
             allow_devices=self.allow_devices,
             allow_existing_links=j.incremental,
+            on_large_file=self._base_keeper(pull),
         )
+
+    def _base_keeper(self, pull: Pull) -> Callable[[Header, int], None] | None:
+        """With `keep_bases`: what the extractor calls for each large file it has written, to
+        keep the file's base for the next pass. A patched file's base is the one its patch
+        was made against with the blocks the patch touched read again; any other file is
+        read back whole (it is still in the page cache)."""
+        if not pull.spec.keep_bases:
+            return None
+        volume, cache = pull.spec.volume, self.bases
+
+        def keep(h: Header, fd: int) -> None:
+            try:
+                st = os.fstat(fd)
+                if st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
+                    return
+                block = block_size_for(st.st_size)
+                old = cache.last(volume, h.path) if h.patch_sha256 is not None else None
+                if old is not None and old.block_size == block:
+                    base = patched(fd, old, h.runs, st.st_size)
+                else:
+                    base = describe(fd, st.st_size, block)
+                cache.put(volume, h.path, st, base)
+            except OSError as e:  # only a shortcut: the next pass reads the file instead
+                log.debug("not keeping the base of %r: %s", h.path, e)
+
+        return keep
 
     async def _ensure_volume(self, pull: Pull, source: dict[str, Any]) -> None:
         spec = pull.spec

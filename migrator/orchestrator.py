@@ -60,6 +60,7 @@ PRECOPY_MAX_PASSES = 5
 PRECOPY_NO_GAIN = 0.8
 # What one attempt's quiesce records in the checkpoint; a retry after its containers were
 # started again begins afresh.
+QUIESCED_POLL_S = 0.05
 QUIESCE_KEYS = ("stopping_ids", "stopped_ids", "stopped_at", "restarted", "restarted_at")
 PULL_ERROR_CODES = {
     "volume_not_found": "source_volume_not_found",
@@ -792,6 +793,8 @@ class Orchestrator:
             # hold still, so it keeps passing until nothing changed.
             "accept_dirty": self._accept_dirty(m, precopy=precopy),
         }
+        if precopy:  # another pass follows: it need not read the large files again
+            options["keep_bases"] = True
         if continues is not None:
             options["continues"] = continues
             if m.checkpoint.get("window_start_ns") is not None:
@@ -878,7 +881,14 @@ class Orchestrator:
                 err = pull.get("error") or {}
                 code = str(err.get("code") or "transfer_failed")
                 raise MigrationFailed(PULL_ERROR_CODES.get(code, code), str(err.get("message")))
-            await asyncio.sleep(self.settings.poll_interval_s)
+            await asyncio.sleep(self._poll_interval(m))
+
+    def _poll_interval(self, m: Migration) -> float:
+        """While the source's containers are stopped, every poll interval is downtime."""
+        cp = m.checkpoint
+        if "stopped_at" in cp and not cp.get("restarted"):
+            return min(self.settings.poll_interval_s, QUIESCED_POLL_S)
+        return self.settings.poll_interval_s
 
     def _follow(self, m: Migration, pull: dict[str, Any]) -> None:
         p = pull["progress"]
