@@ -132,6 +132,10 @@ class PullSpec:
     """Finish after a pass even if files changed while they were read (a pre-copy pass, or a
     crash-consistent copy of a volume in use): the next pass, if any, sends them again.
     Without it the pull runs incremental passes until the source holds still."""
+    freeze: bool = False
+    """Ask the source to freeze each pass's stream (copy its data aside when naming it, see
+    docs/protocol.md): the final pass of a quiesced migration, whose containers may run again
+    once the pull reports `source_read`."""
     keep_bases: bool = False
     """Another pass into this volume follows (pre-copy): keep the block digests of the large
     files written, so that pass need not read them again (agents/delta.py, BaseCache)."""
@@ -155,6 +159,7 @@ _OPTION_TYPES: dict[str, Any] = {
     "window_start_ns": (int, type(None)),
     "accept_dirty": bool,
     "keep_bases": bool,
+    "freeze": bool,
 }
 
 
@@ -227,6 +232,8 @@ class Journal:
     """The source's clock at the start of this pass (from the hello): the next incremental pass
     re-sends every file whose mtime is not safely before it."""
     previous_pass_start_ns: int | None = None
+    frozen: bool = False
+    """The source froze this pass's stream: it no longer reads its volume for it."""
 
 
 @dataclass
@@ -281,6 +288,7 @@ class Pull:
             "stream_id": j.stream_id,
             "pass": j.pass_no,
             "pass_started_ns": j.source_now_ns,
+            "source_read": j.frozen,
             "incremental": j.incremental,
             "attempts": self.attempts,
             "reconnects": self.reconnects,
@@ -597,6 +605,12 @@ class PullManager:
             return
 
     async def _next_pass(self, pull: Pull, *, reason: str) -> None:
+        if pull.journal.frozen:
+            # Reported as read: the source's containers may be running again, and another
+            # pass would copy a live volume.
+            raise PullFailed(
+                "transfer_failed", f"the frozen pass cannot be followed by another ({reason})"
+            )
         if pull.journal.pass_no >= MAX_PASSES:
             raise PullFailed(
                 "source_unstable",
@@ -661,6 +675,8 @@ class PullManager:
             params["stream_id"] = j.stream_id
         if spec.max_rate_bytes_per_s is not None:
             params["max_rate_bytes_per_s"] = str(spec.max_rate_bytes_per_s)
+        if spec.freeze:
+            params["freeze"] = "1"
         url = f"{spec.source_url}/v1/volumes/{spec.source_volume}/stream"
         headers = {"Authorization": f"Transfer {spec.token}"}
         pull.phase = "connecting"
@@ -782,6 +798,12 @@ class PullManager:
             j.total_size = hello.get("total_size")
             now = hello.get("source_now_ns")
             j.source_now_ns = int(now) if isinstance(now, int) else None
+            j.frozen = hello.get("frozen") is True
+        elif j.frozen and hello.get("frozen") is not True:
+            # Its containers may be running again: the volume is no longer what was frozen.
+            raise PullFailed(
+                "transfer_failed", "the source no longer has the frozen copy of this pass"
+            )
         if j.pass_no == 1 and first:
             await self._ensure_volume(pull, hello.get("volume") or {})
         mountpoint = await self._target_mountpoint(pull)

@@ -19,7 +19,9 @@ import logging
 import os
 import queue
 import re
+import shutil
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,10 @@ QUEUE_FRAMES = 3
 # Dirty paths are listed in the trailer up to this many; beyond it the trailer says so and the
 # target treats the pass as changed as a whole.
 MAX_DIRTY_LISTED = 10_000
+# A frozen stream's data is copied while the source's containers are stopped: worth it for the
+# small delta of a pre-copied final pass, not for a whole volume.
+FREEZE_MAX_BYTES = 4 << 30
+FROZEN_KEPT = 2
 
 
 def entry_fingerprint(entry: Entry) -> bytes:
@@ -90,6 +96,13 @@ class StreamIdentity:
     totals: Totals
     snapshot: Path | None = None
     """The manifest the stream is generated from (NDJSON, one entry per line)."""
+    spool: Path | None = None
+    """A frozen stream's data (`Snapshots.take(freeze=True)`): the stream no longer reads the
+    volume."""
+
+    @property
+    def frozen(self) -> bool:
+        return self.spool is not None
 
     def entries(self) -> Iterator[Entry]:
         assert self.snapshot is not None
@@ -171,13 +184,23 @@ class Snapshots:
     def path(self, stream_id: str) -> Path:
         return self.directory / f"{stream_id}.ndjson"
 
+    def spool_path(self, stream_id: str) -> Path:
+        return self.directory / f"{stream_id}.data"
+
+    def frozen_path(self, stream_id: str) -> Path:
+        """Written once the spool is complete and durable: {"data_bytes": N}."""
+        return self.directory / f"{stream_id}.frozen"
+
     def take(
         self,
         root: str | bytes,
         selection: list[bytes] | None,
         bases: dict[bytes, Base] | None = None,
+        *,
+        freeze: bool = False,
     ) -> StreamIdentity:
-        """Walk the volume, write its manifest, name the stream. Blocking."""
+        """Walk the volume, write its manifest, name the stream; with `freeze`, also copy the
+        data the stream carries (`_freeze`). Blocking."""
         self.directory.mkdir(parents=True, exist_ok=True)
         hasher = StreamHasher(selection)
         tmp = self.directory / f".walk-{os.getpid()}-{threading.get_ident()}.tmp"
@@ -190,7 +213,46 @@ class Snapshots:
         final = self.path(hasher.stream_id)
         os.replace(tmp, final)
         self._prune()
-        return StreamIdentity(hasher.stream_id, hasher.total_size, hasher.totals, final)
+        identity = StreamIdentity(hasher.stream_id, hasher.total_size, hasher.totals, final)
+        return self._freeze(root, identity) if freeze else identity
+
+    def _freeze(self, root: str | bytes, identity: StreamIdentity) -> StreamIdentity:
+        """Copy the stream's file data to a spool next to its snapshot, so that the stream is
+        generated from there and the volume is free again as soon as this returns: the final
+        pass of a quiesced migration restarts the source's containers then, not after the
+        whole delta crossed the network. Not frozen (the stream reads the volume as usual) when
+        the data is larger than FREEZE_MAX_BYTES or than half the free space here, or when a
+        file changed while it was copied."""
+        stream_id = identity.stream_id
+        data_bytes = sum(tarstream.data_bytes(e) for e in identity.entries())
+        free = shutil.disk_usage(self.directory).free
+        if data_bytes > FREEZE_MAX_BYTES or 2 * data_bytes > free:
+            log.info("stream %s not frozen: %d bytes of data, %d free", stream_id, data_bytes, free)
+            return identity
+        marker, spool = self.frozen_path(stream_id), self.spool_path(stream_id)
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()
+        started = time.monotonic()
+        with open(spool, "wb") as out:
+            dirty = tarstream.freeze(root, identity.entries(), out)
+            out.flush()
+            # Durable before the containers run again: after a crash of this host the spool
+            # must hold what the volume held, or the stream could not be resumed.
+            os.fdatasync(out.fileno())
+            written = out.tell()
+        if dirty or written != data_bytes:
+            log.info("stream %s not frozen: %d files changed while copied", stream_id, len(dirty))
+            spool.unlink()
+            return identity
+        _write_durably(marker, json.dumps({"data_bytes": data_bytes}).encode())
+        self._prune_spools(keep=stream_id)
+        log.info(
+            "stream %s frozen: %d bytes of data copied in %.2f s",
+            stream_id,
+            data_bytes,
+            time.monotonic() - started,
+        )
+        return dataclasses.replace(identity, spool=spool)
 
     def find(self, stream_id: str) -> StreamIdentity | None:
         """The stream a resume names, from its snapshot, or None if it is not kept."""
@@ -205,13 +267,49 @@ class Snapshots:
         for entry in read_snapshot(path):
             hasher.size += tarstream.entry_span(entry)
             hasher.totals.add(entry)
-        return StreamIdentity(stream_id, hasher.total_size, hasher.totals, path)
+        spool = self.spool_path(stream_id)
+        try:
+            marker = json.loads(self.frozen_path(stream_id).read_bytes())
+            frozen = spool.stat().st_size == marker["data_bytes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            frozen = False
+        return StreamIdentity(
+            stream_id, hasher.total_size, hasher.totals, path, spool if frozen else None
+        )
 
     def _prune(self) -> None:
         kept = sorted(self.directory.glob("*.ndjson"), key=lambda p: p.stat().st_mtime)
         for old in kept[: max(0, len(kept) - self.keep)]:
-            with contextlib.suppress(FileNotFoundError):
-                old.unlink()
+            stream_id = old.name.removesuffix(".ndjson")
+            for path in (self.frozen_path(stream_id), self.spool_path(stream_id), old):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def _prune_spools(self, keep: str) -> None:
+        """Spools take disk space: only the newest FROZEN_KEPT are kept (an older frozen
+        stream is then generated from the volume again, and reports what changed as dirty)."""
+        markers = sorted(self.directory.glob("*.frozen"), key=lambda p: p.stat().st_mtime)
+        for old in markers[: max(0, len(markers) - FROZEN_KEPT)]:
+            stream_id = old.name.removesuffix(".frozen")
+            if stream_id == keep:
+                continue
+            for path in (old, self.spool_path(stream_id)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_snapshot(path: Path) -> Iterator[Entry]:
@@ -318,6 +416,7 @@ class FrameProducer:
             on_entry=self._on_entry,
             progress=self.progress,
             hash_files=False,
+            spool=self.identity.spool,
         )
         for piece in pieces:
             view = memoryview(piece)

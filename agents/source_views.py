@@ -8,6 +8,7 @@ the compression policy how fast the link drains.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -104,6 +105,9 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         raise InvalidRequest(f"offset {offset} is not a multiple of 512")
     if offset and stream_id is None:
         raise InvalidRequest("offset > 0 needs the stream_id it belongs to")
+    freeze = request.query.get("freeze", "0")
+    if freeze not in ("0", "1"):
+        raise InvalidRequest("freeze must be 0 or 1")
 
     info = await readable_volume(request, name)
     snapshots = Snapshots(request.app[SETTINGS].state_dir / "streams" / name)
@@ -111,7 +115,11 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
     if stream_id is not None:
         identity = await asyncio.to_thread(snapshots.find, stream_id)
     if identity is None:
-        identity = await asyncio.to_thread(snapshots.take, info.mountpoint, selection, bases)
+        identity = await asyncio.to_thread(
+            functools.partial(
+                snapshots.take, info.mountpoint, selection, bases, freeze=freeze == "1"
+            )
+        )
         if stream_id is not None and stream_id != identity.stream_id:
             raise StreamChanged(
                 f"volume {name!r} changed since stream {stream_id}",
@@ -136,6 +144,7 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
                 "totals": identity.totals.to_json(),
                 "source_now_ns": time.time_ns(),
                 "filtered": selection is not None,
+                "frozen": identity.frozen,
             },
         )
     )

@@ -12,6 +12,7 @@ produce the bytes; `generate` reports every entry it finished through `on_entry`
 
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
 import os
@@ -19,6 +20,7 @@ import stat
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from agents.manifest import ROOT, Entry, EntryType
 
@@ -122,6 +124,11 @@ def entry_span(entry: Entry) -> int:
     records = _pax_records(entry, tar_name(entry), _link_name(entry), data_size)
     header = BLOCK_SIZE + (BLOCK_SIZE + _padded(len(records)) if records else 0)
     return header + _padded(data_size)
+
+
+def data_bytes(entry: Entry) -> int:
+    """File bytes a stream carries for this entry (its runs; no headers, map or padding)."""
+    return sum(length for _, length in _data_layout(entry)[1])
 
 
 def stream_size(entries: Iterable[Entry]) -> int:
@@ -374,6 +381,7 @@ def generate(
     on_entry: OnEntry | None = None,
     progress: StreamProgress | None = None,
     hash_files: bool = True,
+    spool: str | os.PathLike[str] | None = None,
 ) -> Iterator[bytes]:
     """Yield the stream of `entries` (files read under `root`) from byte `start_offset` on.
 
@@ -386,17 +394,31 @@ def generate(
     With `hash_files`, each file read from its start is reported with the SHA-256 of its
     content; a transfer leaves it off (the target hashes what it writes, and every frame is
     hashed already: a third SHA-256 of every byte cost a core-second per 2 GB).
+    With `spool` (a file `freeze` wrote for the same entries), file data comes from it instead
+    of the volume, and no entry is dirty.
     """
     if start_offset < 0 or start_offset % BLOCK_SIZE:
         raise ValueError(f"start_offset {start_offset} is not a non-negative multiple of 512")
     if read_size < BLOCK_SIZE:
         raise ValueError(f"read_size {read_size} is below {BLOCK_SIZE}")
     counters = progress if progress is not None else StreamProgress()
-    for chunk in _generate(
-        os.fsencode(root), entries, start_offset, read_size, on_entry, counters, hash_files
-    ):
-        counters.stream_bytes += len(chunk)
-        yield chunk
+    spool_fd = None if spool is None else os.open(spool, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for chunk in _generate(
+            os.fsencode(root),
+            entries,
+            start_offset,
+            read_size,
+            on_entry,
+            counters,
+            hash_files,
+            spool_fd,
+        ):
+            counters.stream_bytes += len(chunk)
+            yield chunk
+    finally:
+        if spool_fd is not None:
+            os.close(spool_fd)
 
 
 def _generate(
@@ -407,18 +429,24 @@ def _generate(
     on_entry: OnEntry | None,
     progress: StreamProgress,
     hash_files: bool,
+    spool_fd: int | None = None,
 ) -> Iterator[bytes]:
     chunker = _Chunker(read_size)
     parents = _ParentDirs(root)
     try:
         offset = 0
+        spooled = 0  # where the next entry's data starts in the spool
         for entry in entries:
             layout = _layout(entry)
             end = offset + layout.span
             # A socket (span 0) belongs to the call whose start is at or before it.
             if end > start_offset or (layout.span == 0 and offset >= start_offset):
                 skip = max(0, start_offset - offset)
-                file = _FileSource(parents, entry, read_size)
+                file: _FileSource | _SpoolSource = (
+                    _FileSource(parents, entry, read_size)
+                    if spool_fd is None
+                    else _SpoolSource(spool_fd, spooled, layout.runs, read_size)
+                )
                 report = yield from _emit_entry(
                     entry, layout, offset, skip, file, chunker, progress, hash_files
                 )
@@ -426,6 +454,7 @@ def _generate(
                 if on_entry is not None:
                     on_entry(report)
             offset = end
+            spooled += layout.data_size - len(layout.sparse_map)
         if start_offset > offset + len(TRAILER):
             raise ValueError(f"start_offset {start_offset} is past the stream's end")
         yield from chunker.push(TRAILER[max(0, start_offset - offset) :])
@@ -446,7 +475,7 @@ def _emit_entry(
     layout: _Layout,
     offset: int,
     skip: int,
-    file: _FileSource,
+    file: _FileSource | _SpoolSource,
     chunker: _Chunker,
     progress: StreamProgress,
     hash_files: bool = True,
@@ -480,7 +509,7 @@ def _emit_runs(
     entry: Entry,
     layout: _Layout,
     run_skip: int,
-    file: _FileSource,
+    file: _FileSource | _SpoolSource,
     hasher: hashlib._Hash | None,
 ) -> Iterator[bytes]:
     """Yield the data runs from `run_skip` bytes in; hash holes as zeros when hashing."""
@@ -557,6 +586,69 @@ class _FileSource:
             self._fd = None if dir_fd is None else _open_regular(dir_fd, self._name)
             self.short = self._fd is None
         return self._fd
+
+
+class _SpoolSource:
+    """Reads an entry's data from a frozen stream's spool, where its runs lie back to back
+    from `start` on."""
+
+    short = False
+
+    def __init__(
+        self, fd: int, start: int, runs: tuple[tuple[int, int], ...], read_size: int
+    ) -> None:
+        self._fd = fd
+        self._read_size = read_size
+        self._runs: dict[int, int] = {}  # run offset in the file -> its position in the spool
+        at = start
+        for run_offset, length in runs:
+            self._runs[run_offset] = at
+            at += length
+        self._run_offsets = sorted(self._runs)
+
+    def read(self, offset: int, length: int) -> Iterator[bytes]:
+        """`offset` lies in a run, and `length` does not go past its end."""
+        run_offset = self._run_offsets[bisect.bisect_right(self._run_offsets, offset) - 1]
+        at = self._runs[run_offset] + offset - run_offset
+        end = at + length
+        while at < end:
+            data = os.pread(self._fd, min(self._read_size, end - at), at)
+            if not data:
+                raise OSError(errno.EIO, "the frozen stream's spool is shorter than its entries")
+            at += len(data)
+            yield data
+
+    def changed_since(self, entry: Entry) -> bool:
+        return False  # read while the volume held still: `freeze` saw it unchanged
+
+    def close(self) -> None:
+        pass
+
+
+def freeze(root: str | bytes, entries: Iterable[Entry], out: BinaryIO) -> list[bytes]:
+    """Copy the data a stream of `entries` carries (each file's runs, back to back, in order)
+    from the volume to `out`, so the stream can be generated later without reading the volume
+    again (`generate(spool=...)`). Returns the paths of files that changed or were short while
+    they were copied (their copy is not consistent)."""
+    dirty: list[bytes] = []
+    parents = _ParentDirs(os.fsencode(root))
+    try:
+        for entry in entries:
+            if not _has_data(entry):
+                continue
+            _, runs = _data_layout(entry)
+            file = _FileSource(parents, entry, READ_SIZE)
+            try:
+                for run_offset, length in runs:
+                    for chunk in file.read(run_offset, length):
+                        out.write(chunk)
+            finally:
+                file.close()
+            if file.short or file.changed_since(entry):
+                dirty.append(entry.path)
+    finally:
+        parents.close()
+    return dirty
 
 
 class VolumeFiles:

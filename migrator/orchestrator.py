@@ -394,7 +394,18 @@ class Orchestrator:
             await self._quiesce(m, source)
         m.enter(Phase.TRANSFERRING)
         await self.save(m)
-        pulls = await self._run_pass(m, source_rec, target, finals, previous)
+        # After pre-copy the final delta is small: the source freezes it (copies it aside when
+        # naming the stream), and its containers run again as soon as it reports so.
+        freeze = quiesce and previous is not None and req.options.restart_source_containers
+        pulls = await self._run_pass(
+            m,
+            source_rec,
+            target,
+            finals,
+            previous,
+            freeze=freeze,
+            on_source_read=self._restart_stopped if freeze else None,
+        )
         passes.append(_merge_summaries(pulls))
         downtime = 0.0
         if quiesce:
@@ -696,15 +707,28 @@ class Orchestrator:
         previous: Sequence[str | None] | None,
         *,
         precopy: bool = False,
+        freeze: bool = False,
+        on_source_read: Callable[[Migration], Awaitable[None]] | None = None,
     ) -> list[dict[str, Any]]:
         """One pass over every volume, one after the other (a 2-core host gains nothing from
-        pulling several at once, and progress stays readable)."""
+        pulling several at once, and progress stays readable). `on_source_read` runs once the
+        source has been read for every volume: the last pull reports its stream frozen."""
         pulls: list[dict[str, Any]] = []
-        for i, ((src, dst), pull_id) in enumerate(zip(self._pairs(m), pull_ids, strict=True)):
+        pairs = self._pairs(m)
+        for i, ((src, dst), pull_id) in enumerate(zip(pairs, pull_ids, strict=True)):
             continues = None if previous is None else previous[i]
             pulls.append(
                 await self._pass(
-                    m, source_rec, target, src, dst, pull_id, continues=continues, precopy=precopy
+                    m,
+                    source_rec,
+                    target,
+                    src,
+                    dst,
+                    pull_id,
+                    continues=continues,
+                    precopy=precopy,
+                    freeze=freeze,
+                    on_source_read=on_source_read if i == len(pairs) - 1 else None,
                 )
             )
         # The next pass re-sends what changed since this one started: every file modified
@@ -775,6 +799,7 @@ class Orchestrator:
         continues: str | None,
         *,
         precopy: bool,
+        freeze: bool = False,
     ) -> dict[str, Any]:
         req = m.request
         src, dst = volumes
@@ -795,6 +820,8 @@ class Orchestrator:
         }
         if precopy:  # another pass follows: it need not read the large files again
             options["keep_bases"] = True
+        if freeze:
+            options["freeze"] = True
         if continues is not None:
             options["continues"] = continues
             if m.checkpoint.get("window_start_ns") is not None:
@@ -831,11 +858,15 @@ class Orchestrator:
         *,
         continues: str | None,
         precopy: bool,
+        freeze: bool = False,
+        on_source_read: Callable[[Migration], Awaitable[None]] | None = None,
     ) -> dict[str, Any]:
         """One pull into the target, followed to its end. Keyed by `pull_id`, so a resumed
         run finds the pull the target already has (running, or done) instead of a new one."""
         req = m.request
-        body = self._pull_body(m, source_rec, (src, dst), pull_id, continues, precopy=precopy)
+        body = self._pull_body(
+            m, source_rec, (src, dst), pull_id, continues, precopy=precopy, freeze=freeze
+        )
         started = time.monotonic()
         try:
             await self._retrying(m, "starting the pull", lambda: target.create_pull(body))
@@ -874,6 +905,18 @@ class Orchestrator:
                 last_seen = seen
                 self._follow(m, pull)
                 await self._progress(m)
+            if (
+                on_source_read is not None
+                and pull.get("source_read")
+                and pull["state"]
+                in (
+                    "running",
+                    "succeeded",
+                )
+            ):
+                await self.log(m, "info", f"pass {pull_id}: the source has been read (frozen)")
+                await on_source_read(m)
+                on_source_read = None
             if pull["state"] == "succeeded":
                 pull["duration_s"] = round(time.monotonic() - started, 3)
                 return pull
