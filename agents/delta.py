@@ -6,10 +6,10 @@ during the downtime) as long as the first. Instead, when an incremental pass sel
 regular file that the target already has, the target describes its copy: a block size and the
 SHA-256 of each block, cut to 16 bytes (a `Base`). The source reads its file, compares block
 by block, and streams a *patch*: the runs of blocks that differ (a block past the end of the
-target's copy always differs), the file's size, and the SHA-256 of its whole content. The
-target writes the runs into its copy in place, truncates it to the size, and records the
-source's SHA-256 as the file's content digest, so verification checks the patched file end
-to end against the bytes the source read.
+target's copy always differs), the file's size, and the digest of its whole content block by
+block (`blocks_digest`). The target writes the runs into its copy in place, truncates it to the
+size, and records the source's digest as the file's, so verification checks the patched file
+end to end against the bytes the source read.
 
 Blocking (reads and hashing); run it off the event loop. Memory: one block at a time, plus the
 digests (16 bytes a block, at most `MAX_BLOCKS` blocks a file).
@@ -20,10 +20,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import threading
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,8 @@ database file of up to 1 GiB (PostgreSQL's segment size) is compared page by pag
 MAX_BLOCKS = 1 << 20
 """The most digests a source accepts for one file (16 MiB of them)."""
 DIGEST_SIZE = 16
+MAX_SOURCES_NOTED = 1 << 20
+"""Large files whose source inode a BaseCache remembers (~150 bytes each)."""
 READ_SIZE = 1 << 20
 
 
@@ -92,19 +94,19 @@ class Patch:
 
     runs: tuple[tuple[int, int], ...]
     """(offset, length) of the differing bytes, in order, within the file's size."""
-    sha256: str
-    """Of the file's whole content as the source read it."""
+    digest: str
+    """Of the file's whole content as the source read it, block by block (`blocks_digest`)."""
 
     @property
     def data_size(self) -> int:
         return sum(length for _, length in self.runs)
 
     def to_json(self) -> dict[str, Any]:
-        return {"runs": [list(run) for run in self.runs], "sha256": self.sha256}
+        return {"runs": [list(run) for run in self.runs], "digest": self.digest}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Patch:
-        return cls(tuple((int(o), int(n)) for o, n in doc["runs"]), str(doc["sha256"]))
+        return cls(tuple((int(o), int(n)) for o, n in doc["runs"]), str(doc["digest"]))
 
 
 def block_size_for(size: int) -> int:
@@ -156,41 +158,84 @@ def describe(fd: int, size: int, block_size: int | None = None) -> Base:
     return Base(block, digests)
 
 
+BLOCKS_DIGEST_RE = re.compile(r"blocks-sha256:([0-9]{4,9}):([0-9a-f]{64})")
+
+
+def blocks_digest(block_size: int, digests: Iterable[bytes]) -> str:
+    """A file's content digest block by block: the SHA-256 of the SHA-256 of each of its
+    `block_size` blocks (the last one short), written `blocks-sha256:<block size>:<hex>`.
+    As strong as the SHA-256 of the whole, and computed from the block digests a comparison
+    takes anyway, so a patch costs the source one hash of each byte instead of two."""
+    whole = hashlib.sha256()
+    for digest in digests:
+        whole.update(digest)
+    return f"blocks-sha256:{block_size}:{whole.hexdigest()}"
+
+
+def parse_blocks_digest(value: str) -> int | None:
+    """The block size of a `blocks_digest` value, or None if it is not one."""
+    match = BLOCKS_DIGEST_RE.fullmatch(value)
+    if match is None:
+        return None
+    block = int(match.group(1))
+    return block if MIN_BLOCK_SIZE <= block <= MAX_BLOCK_SIZE else None
+
+
+def file_blocks_digest(fd: int, block_size: int) -> str:
+    """`blocks_digest` of an open file's content (verification)."""
+    size = os.fstat(fd).st_size
+    return blocks_digest(block_size, _full_digests(fd, 0, size, block_size))
+
+
+def _full_digests(fd: int, start: int, end: int, block_size: int) -> Iterator[bytes]:
+    sha = hashlib.sha256
+    for block in _read_blocks(fd, start, end, block_size):
+        yield sha(block).digest()
+
+
 def diff(fd: int, size: int, base: Base) -> Patch:
     """The source side: read `size` bytes of an open file, compare them with `base`, and
-    return the runs that differ and the SHA-256 of the whole. Bytes missing at the end (the
+    return the runs that differ and the file's `blocks_digest`. Bytes missing at the end (the
     file shrank since it was listed) are sent as zeros; the stream reports the file dirty.
 
-    The whole-file hash runs in a second thread, one read behind the block comparison."""
-    whole = hashlib.sha256()
+    The two halves of the file are compared in two threads (hashlib releases the GIL)."""
+    parts = _halves(size, base.block_size)
+    with ThreadPoolExecutor(len(parts), thread_name_prefix="diff") as pool:
+        results = list(pool.map(lambda part: _compare(fd, part[0], part[1], base), parts))
+    runs: list[tuple[int, int]] = []
+    digests: list[bytes] = []
+    for part_runs, part_digests in results:
+        for offset, length in part_runs:
+            _add_run(runs, offset, length)
+        digests += part_digests
+    return Patch(tuple(runs), blocks_digest(base.block_size, digests))
+
+
+def _compare(
+    fd: int, start: int, end: int, base: Base
+) -> tuple[list[tuple[int, int]], list[bytes]]:
+    """Runs that differ from `base` in bytes [start, end) and the SHA-256 of each block."""
     sha = hashlib.sha256
     block = base.block_size
     runs: list[tuple[int, int]] = []
+    digests: list[bytes] = []
     per_read = max(1, READ_SIZE // block) * block
-    offset = 0
-    with ThreadPoolExecutor(1, thread_name_prefix="diff") as pool:
-        pending: deque[Future[None]] = deque()
-        while offset < size:
-            data = os.pread(fd, min(per_read, size - offset), offset)
-            if not data:
-                break
-            pending.append(pool.submit(whole.update, data))
-            view = memoryview(data)
-            for at in range(0, len(view), block):
-                chunk = view[at : at + block]
-                index = (offset + at) // block
-                if index >= base.blocks or sha(chunk).digest()[:DIGEST_SIZE] != base.digest(index):
-                    _add_run(runs, offset + at, len(chunk))
-            offset += len(data)
-            while len(pending) > 2:
-                pending.popleft().result()
-        for future in pending:
-            future.result()
-    if offset < size:  # shorter than listed: the rest is sent (as zeros)
-        for start in range(offset, size, READ_SIZE):
-            whole.update(bytes(min(READ_SIZE, size - start)))
-        _add_run(runs, offset, size - offset)
-    return Patch(tuple(runs), whole.hexdigest())
+    offset, short = start, False
+    while offset < end:
+        want = min(per_read, end - offset)
+        data = b"" if short else os.pread(fd, want, offset)
+        if len(data) < want:  # shorter than listed: the rest is sent, as zeros
+            short = True
+            data += bytes(want - len(data))
+        view = memoryview(data)
+        for at in range(0, want, block):
+            digest = sha(view[at : at + block]).digest()
+            digests.append(digest)
+            index = (offset + at) // block
+            if short or index >= base.blocks or digest[:DIGEST_SIZE] != base.digest(index):
+                _add_run(runs, offset + at, min(block, want - at))
+        offset += want
+    return runs, digests
 
 
 def _add_run(runs: list[tuple[int, int]], offset: int, length: int) -> None:
@@ -223,6 +268,14 @@ def patched(fd: int, base: Base, runs: tuple[tuple[int, int], ...], size: int) -
     return Base(block, bytes(digests))
 
 
+SourceKey = tuple[int, int, int]
+"""A source file as a manifest lists it: inode, size, mtime (nanoseconds)."""
+
+
+def source_key(entry: Any) -> SourceKey:
+    return (entry.ino, entry.size, entry.mtime_ns)
+
+
 FileKey = tuple[int, int, int, int, int]
 """What must not have changed for a kept base to describe a file: device, inode, size, mtime
 and ctime (nanoseconds). Any write, truncate, chmod, rename or new link changes the ctime."""
@@ -248,6 +301,18 @@ class BaseCache:
         self._bases: dict[tuple[str, bytes], tuple[FileKey, Base]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
+        self._sources: dict[tuple[str, bytes], SourceKey] = {}
+        """Which source file each large file's copy was planned against, as of the last plan
+        of a pass that keeps bases (a renamed file is recognised by its inode)."""
+
+    def note_source(self, volume: str, path: bytes, key: SourceKey) -> None:
+        with self._lock:
+            if len(self._sources) < MAX_SOURCES_NOTED or (volume, path) in self._sources:
+                self._sources[(volume, path)] = key
+
+    def source_of(self, volume: str, path: bytes) -> SourceKey | None:
+        with self._lock:
+            return self._sources.get((volume, path))
 
     def get(self, volume: str, path: bytes, st: os.stat_result, block_size: int) -> Base | None:
         with self._lock:
@@ -286,6 +351,8 @@ class BaseCache:
         with self._lock:
             for key in [k for k in self._bases if k[0] == volume]:
                 self._drop(key)
+            for key in [k for k in self._sources if k[0] == volume]:
+                del self._sources[key]
 
     def _drop(self, key: tuple[str, bytes]) -> None:
         kept = self._bases.pop(key, None)

@@ -88,7 +88,7 @@ from agents.tarparse import (
     unb64,
 )
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3  # 3: patches carry a blocks-sha256 digest
 _ZEROS = bytes(1 << 20)  # holes are hashed from this buffer, 1 MiB per update call
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -575,9 +575,9 @@ class Extractor:
         elif h.hardlink_of is not None:
             self._link(h)
         elif h.type is EntryType.FILE:
-            if h.patch_sha256 is not None and not is_plain(h):
+            if h.patch_digest is not None and not is_plain(h):
                 self._fd = self._open_patched(h)
-                self._hasher = _Known(h.patch_sha256)
+                self._hasher = _Known(h.patch_digest)
             else:
                 self._fd = self._create(h)
                 self._hasher = hashlib.sha256()
@@ -928,8 +928,8 @@ class Extractor:
         self._created = self._fresh = False
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise BadCheckpoint("the entry in progress is no longer a regular file", h.path)
-        if h.patch_sha256 is not None and not is_plain(h):
-            self._hasher = _Known(h.patch_sha256)
+        if h.patch_digest is not None and not is_plain(h):
+            self._hasher = _Known(h.patch_digest)
         else:
             self._rehash(fd)
         run, left = 0, self._data_done

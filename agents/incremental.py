@@ -37,9 +37,11 @@ from agents.delta import (
     Base,
     BaseCache,
     BaseError,
+    SourceKey,
     block_size_for,
     describe,
     file_key,
+    source_key,
     worth_a_patch,
 )
 from agents.manifest import ROOT, Entry, EntryType, decode_path, encode_path, entry_from_json, walk
@@ -94,6 +96,7 @@ def _differs(src: Entry, dst: Entry, window_start_ns: int | None) -> bool:
 
 
 OnDelete = Callable[[bytes], None]
+OnRename = Callable[[bytes, bytes], None]
 
 
 def _remove(root: bytes, path: bytes, on_delete: OnDelete | None) -> None:
@@ -186,8 +189,9 @@ def plan_with_bases(
     window_start_ns: int | None,
     on_delete: OnDelete | None = None,
     deltas: bool = True,
-    renamed: dict[bytes, Base] | None = None,
+    renamed: dict[bytes, Base | None] | None = None,
     bases: Bases | None = None,
+    on_rename: OnRename | None = None,
 ) -> Iterator[tuple[bytes, Base | None]]:
     """`plan`, and for each selected large file the target already has, the base of the
     target's copy (agents/delta.py), so the source sends only the blocks that differ.
@@ -197,10 +201,13 @@ def plan_with_bases(
     log rotation renames too). When the join is done, each new large file on the source takes
     over a leftover of the same size (the same mtime first) by a rename on the target, and its
     base goes into `renamed` (the caller adds it to the path's selection line); leftovers
-    nobody takes are deleted then. Bases come from `bases` when given (see `Bases`)."""
+    nobody takes are deleted then. Bases come from `bases` when given (see `Bases`); with
+    them, a leftover that is the very source file now at a new path, unchanged, is renamed
+    and its path maps to None in `renamed` (the caller drops it from the selection;
+    `on_rename` moves its content digest)."""
     root = os.fsencode(target_root)
     with VolumeFiles(root) as files:
-        planner = _Planner(root, files, window_start_ns, on_delete, deltas, bases)
+        planner = _Planner(root, files, window_start_ns, on_delete, deltas, bases, on_rename)
         yield from planner.join(source)
         paired = planner.reuse_leftovers()
     if renamed is not None:
@@ -216,9 +223,11 @@ class _Planner:
         on_delete: OnDelete | None,
         deltas: bool,
         bases: Bases | None = None,
+        on_rename: OnRename | None = None,
     ) -> None:
         self.root = root
         self.bases = bases
+        self.on_rename = on_rename
         self.files = files
         self.window_start_ns = window_start_ns
         self.on_delete = on_delete
@@ -242,6 +251,10 @@ class _Planner:
                 dst = next(target, None)
             if src.type is EntryType.SOCKET:
                 continue
+            if self.bases is not None and self.bases.keep and _patchable(src, src):
+                # Which source file the target's copy of this path is: the next plan
+                # recognises it when it has been renamed.
+                self.bases.cache.note_source(self.bases.volume, src.path, source_key(src))
             if src.hardlink_of is not None and src.hardlink_of in selected_inodes:
                 chosen = True
             else:
@@ -267,16 +280,35 @@ class _Planner:
         else:
             _remove(self.root, dst.path, self.on_delete)
 
-    def reuse_leftovers(self) -> dict[bytes, Base]:
-        """Rename leftovers to the new paths that can take them over; delete the rest."""
+    def reuse_leftovers(self) -> dict[bytes, Base | None]:
+        """Rename leftovers to the new paths that can take them over; delete the rest. A new
+        path maps to the base of the leftover it took over, or to None when that leftover is
+        the same source file, renamed and unchanged (`_same_file`): nothing to send."""
         by_stamp: dict[tuple[int, int], list[Entry]] = {}
         by_size: dict[int, list[Entry]] = {}
+        by_source: dict[SourceKey, Entry] = {}
         for left in reversed(self.leftovers):  # popped from the end: in manifest order
             by_stamp.setdefault((left.size, left.mtime_ns), []).append(left)
             by_size.setdefault(left.size, []).append(left)
+            if self.bases is not None:
+                was = self.bases.cache.source_of(self.bases.volume, left.path)
+                if was is not None:
+                    by_source[was] = left
         taken: set[bytes] = set()
-        paired: dict[bytes, Base] = {}
+        paired: dict[bytes, Base | None] = {}
         for new in self.new_large:
+            same = by_source.get(source_key(new))
+            if (
+                same is not None
+                and same.path not in taken
+                and self._same_file(new, same)
+                and _rename(self.files, same.path, new.path, self.bases)
+            ):
+                taken.add(same.path)
+                if self.on_rename is not None:
+                    self.on_rename(same.path, new.path)
+                paired[new.path] = None
+                continue
             spare = _pop_free(by_stamp.get((new.size, new.mtime_ns)), taken)
             spare = spare or _pop_free(by_size.get(new.size), taken)
             if spare is None or not _rename(self.files, spare.path, new.path, self.bases):
@@ -291,6 +323,16 @@ class _Planner:
             if old.path not in taken:
                 _remove(self.root, old.path, self.on_delete)
         return paired
+
+    def _same_file(self, new: Entry, left: Entry) -> bool:
+        """`left` is the target's copy of the source file that is now `new`, renamed since the
+        last plan and not written since: the source has the same inode, size and mtime as
+        then, the mtime lies before the window of passes that may have missed a write, and
+        the copy's metadata is what an unchanged file's is (the rule every pass applies to
+        files that kept their name)."""
+        if self.window_start_ns is None:
+            return False
+        return not _differs(new, dataclasses.replace(left, path=new.path), self.window_start_ns)
 
 
 def _pop_free(candidates: list[Entry] | None, taken: set[bytes]) -> Entry | None:
@@ -422,16 +464,25 @@ def read_manifest(path: Path) -> Iterator[Entry]:
                 yield entry_from_json(doc)
 
 
-def _add_bases(selection_path: Path, bases: dict[bytes, Base]) -> None:
-    """Rewrite the selection with the bases of `bases`' paths, line by line."""
+def _add_bases(selection_path: Path, bases: dict[bytes, Base | None]) -> int:
+    """Rewrite the selection with the bases of `bases`' paths, line by line; a path that maps
+    to None is dropped. Returns the number of lines dropped."""
     tmp = selection_path.with_name(selection_path.name + ".tmp")
+    dropped = 0
     with open(selection_path, "rb") as src, open(tmp, "wb") as out:
         for line in src:
             value = json.loads(line)
             path = encode_path(value) if isinstance(value, str) else None
-            base = bases.get(path) if path is not None else None
-            out.write(line if base is None or path is None else selection_line(path, base))
+            if path is None or path not in bases:
+                out.write(line)
+                continue
+            base = bases[path]
+            if base is None:
+                dropped += 1
+            else:
+                out.write(selection_line(path, base))
     os.replace(tmp, selection_path)
+    return dropped
 
 
 async def plan_incremental_pass(
@@ -444,6 +495,7 @@ async def plan_incremental_pass(
     window_start_ns: int | None,
     on_delete: OnDelete | None = None,
     bases: Bases | None = None,
+    on_rename: OnRename | None = None,
 ) -> int:
     """Fetch the source manifest, plan against the target, write the selection file.
     Returns the number of selected paths."""
@@ -452,7 +504,7 @@ async def plan_incremental_pass(
 
     def run() -> int:
         count = described = 0
-        renamed: dict[bytes, Base] = {}
+        renamed: dict[bytes, Base | None] = {}
         with open(selection_path, "wb") as out:
             for path, base in plan_with_bases(
                 read_manifest(manifest),
@@ -461,22 +513,25 @@ async def plan_incremental_pass(
                 on_delete=on_delete,
                 renamed=renamed,
                 bases=bases,
+                on_rename=on_rename,
             ):
                 out.write(selection_line(path, base))
                 count += 1
                 described += base is not None
         manifest.unlink()
-        if renamed:
-            _add_bases(selection_path, renamed)
+        unchanged = _add_bases(selection_path, renamed) if renamed else 0
+        count -= unchanged
         if described or renamed:
             log.info(
                 "%d of %d selected paths described block by block, %d of them renamed "
-                "leftovers; %d bases kept from the last pass, %d read",
-                described + len(renamed),
+                "leftovers; %d bases kept from the last pass, %d read; %d renamed files "
+                "unchanged, not sent",
+                described + len(renamed) - unchanged,
                 count,
-                len(renamed),
+                len(renamed) - unchanged,
                 bases.cached if bases is not None else 0,
                 bases.described if bases is not None else described + len(renamed),
+                unchanged,
             )
         return count
 

@@ -631,6 +631,7 @@ class PullManager:
                 pull.dir / "selection",
                 window_start_ns=previous.source_now_ns,
                 on_delete=pull.content.forget,
+                on_rename=pull.content.rename,
                 bases=Bases(self.bases, pull.spec.volume, keep=pull.spec.keep_bases),
             )
         except PlanError as e:
@@ -858,7 +859,7 @@ class PullManager:
                 if st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
                     return
                 block = block_size_for(st.st_size)
-                old = cache.last(volume, h.path) if h.patch_sha256 is not None else None
+                old = cache.last(volume, h.path) if h.patch_digest is not None else None
                 if old is not None and old.block_size == block:
                     base = patched(fd, old, h.runs, st.st_size)
                 else:

@@ -9,19 +9,18 @@ parses. Must not import `migrator`.
 from __future__ import annotations
 
 import base64
-import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agents.delta import parse_blocks_digest
 from agents.errors import AgentError
 from agents.manifest import EntryType
 from agents.tarstream import PATCH_KEY
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
-_SHA256_HEX = re.compile(rb"[0-9a-f]{64}")
 
 
 class ExtractError(AgentError):
@@ -90,9 +89,10 @@ class Header:
     hardlink_of: bytes | None = None
     xattrs: tuple[tuple[str, bytes], ...] = ()
     rdev: tuple[int, int] = (0, 0)
-    patch_sha256: str | None = None
+    patch_digest: str | None = None
     """A patch (docs/tar-format.md): the runs go into the target's existing copy, the bytes
-    between them are kept, and this is the SHA-256 of the whole file as the source read it."""
+    between them are kept, and this is the digest of the whole file as the source read it
+    (`delta.blocks_digest`)."""
 
     @property
     def data_size(self) -> int:
@@ -112,7 +112,7 @@ class Header:
             "hardlink_of": None if self.hardlink_of is None else b64(self.hardlink_of),
             "xattrs": [[k, b64(v)] for k, v in self.xattrs],
             "rdev": list(self.rdev),
-            "patch_sha256": self.patch_sha256,
+            "patch_digest": self.patch_digest,
         }
 
     @classmethod
@@ -131,7 +131,7 @@ class Header:
             hardlink_of=None if hl is None else unb64(hl),
             xattrs=tuple((str(k), unb64(v)) for k, v in doc["xattrs"]),
             rdev=(int(doc["rdev"][0]), int(doc["rdev"][1])),
-            patch_sha256=doc.get("patch_sha256"),
+            patch_digest=doc.get("patch_digest"),
         )
 
 
@@ -421,8 +421,10 @@ def _build_header(
     if path == b"." and kind is not EntryType.DIR:
         raise UnsafeEntry(f"the root entry is a {kind.value}, not a directory", path)
     patch = pax.get(PATCH_KEY) if others else None
-    if patch is not None and not (sparse and _SHA256_HEX.fullmatch(patch)):
-        raise MalformedArchive("a patch is a sparse entry with a SHA-256 in hex", path)
+    if patch is not None and not (
+        sparse and parse_blocks_digest(patch.decode("ascii", "replace")) is not None
+    ):
+        raise MalformedArchive("a patch is a sparse entry with a blocks-sha256 digest", path)
     if kind is EntryType.FILE and flag != _HARDLINK_FLAG:
         return (
             Header(
@@ -437,7 +439,7 @@ def _build_header(
                 None,
                 None,
                 tuple(xattrs),
-                patch_sha256=None if patch is None else patch.decode("ascii"),
+                patch_digest=None if patch is None else patch.decode("ascii"),
             ),
             size,
             realsize,

@@ -231,7 +231,7 @@ def _pax_records(entry: Entry, name: bytes, link: bytes, data_size: int) -> byte
             (b"GNU.sparse.realsize", b"%d" % entry.size),
         ]
         if entry.patch is not None:
-            names.append((PATCH_KEY, entry.patch.sha256.encode("ascii")))
+            names.append((PATCH_KEY, entry.patch.digest.encode("ascii")))
     elif _needs_pax_name(name):
         names.append((b"path", name))
     if _needs_pax_name(link):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from pathlib import Path
 
-from agents.content import ContentDB, PathIndex
+from agents.content import ContentDB, PathIndex, verify_volume
+from agents.delta import blocks_digest
 from agents.extract import FileDigest
 
 
@@ -39,3 +42,40 @@ def test_path_index_is_a_throwaway_set_on_disk(tmp_path: Path) -> None:
     again = PathIndex(path)
     assert b"d/f1" not in again
     again.close()
+
+
+def test_a_patched_file_is_verified_block_by_block_and_the_tree_digest_is_plain(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "vol"
+    root.mkdir()
+    data = secrets.token_bytes(3 * (8 << 10) + 100)
+    (root / "patched").write_bytes(data)
+    (root / "plain").write_bytes(b"p")
+    plain = ContentDB(tmp_path / "plain.db")
+    plain.record(
+        [
+            FileDigest(b"patched", hashlib.sha256(data).hexdigest(), len(data)),
+            FileDigest(b"plain", hashlib.sha256(b"p").hexdigest(), 1),
+        ]
+    )
+    blocks = [
+        hashlib.sha256(data[at : at + (8 << 10)]).digest() for at in range(0, len(data), 8 << 10)
+    ]
+    patched = ContentDB(tmp_path / "patched.db")
+    patched.record(
+        [
+            FileDigest(b"patched", blocks_digest(8 << 10, blocks), len(data)),
+            FileDigest(b"plain", hashlib.sha256(b"p").hexdigest(), 1),
+        ]
+    )
+    one, other = verify_volume(str(root), plain), verify_volume(str(root), patched)
+    assert one.verified and other.verified, (one.mismatches, other.mismatches)
+    assert one.digest == other.digest  # the same tree, however its files were written
+    with open(root / "patched", "r+b") as f:
+        f.seek(9000)
+        f.write(b"!")
+    broken = verify_volume(str(root), patched)
+    assert not broken.verified and broken.mismatches == [
+        "patched: content differs from what the source read"
+    ]

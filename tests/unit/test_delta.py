@@ -43,6 +43,12 @@ def patch_of(new: bytes, base: Base, tmp_path: Path) -> Patch:
         os.close(fd)
 
 
+def blocks_of(data: bytes | bytearray, block: int = PAGE) -> str:
+    """What a patch's digest must be: computed here independently of agents/delta.py's loop."""
+    hashes = [hashlib.sha256(data[at : at + block]).digest() for at in range(0, len(data), block)]
+    return f"blocks-sha256:{block}:{hashlib.sha256(b''.join(hashes)).hexdigest()}"
+
+
 def apply(old: bytes, new_size: int, runs: tuple[tuple[int, int], ...], new: bytes) -> bytes:
     out = bytearray(old[:new_size].ljust(new_size, b"\0"))
     for offset, length in runs:
@@ -54,7 +60,7 @@ def test_identical_file_has_no_runs(tmp_path: Path) -> None:
     data = secrets.token_bytes(40 * PAGE + 100)
     patch = patch_of(data, base_of(data, tmp_path), tmp_path)
     assert patch.runs == ()
-    assert patch.sha256 == hashlib.sha256(data).hexdigest()
+    assert patch.digest == blocks_of(data)
 
 
 def test_changed_pages_become_runs_and_neighbours_merge(tmp_path: Path) -> None:
@@ -146,7 +152,7 @@ def test_snapshot_of_a_selection_with_bases_carries_patches(tmp_path: Path) -> N
     identity = Snapshots(tmp_path / "snaps").take(root, [b".", b"big"], {b"big": base})
     entries = list(identity.entries())
     patched = next(e for e in entries if e.path == b"big")
-    assert patched.patch == Patch(((5 * PAGE, PAGE),), hashlib.sha256(new).hexdigest())
+    assert patched.patch == Patch(((5 * PAGE, PAGE),), blocks_of(new))
     assert entry_from_json(entry_to_json(patched)) == patched
     # The stream carries the run, not the file: a header, a map, one page and padding.
     assert identity.total_size < 4 * PAGE
@@ -182,7 +188,7 @@ def test_extractor_applies_a_patch_in_place(tmp_path: Path) -> None:
         ex.finish()
         digests = {d.path: d for d in ex.drain_digests()}
     assert (dst / "big").read_bytes() == bytes(new)
-    assert digests[b"big"].sha256 == hashlib.sha256(new).hexdigest()
+    assert digests[b"big"].sha256 == blocks_of(bytes(new))
     st_src, st_dst = os.stat(src / "big"), os.stat(dst / "big")
     assert (st_dst.st_mtime_ns, st_dst.st_mode) == (st_src.st_mtime_ns, st_src.st_mode)
 
@@ -232,7 +238,7 @@ def test_a_patch_resumes_from_a_checkpoint_mid_run(tmp_path: Path) -> None:
         ex.finish()
         digests = {d.path: d for d in ex.drain_digests()}
     assert (dst / "big").read_bytes() == bytes(new)
-    assert digests[b"big"].sha256 == hashlib.sha256(new).hexdigest()
+    assert digests[b"big"].sha256 == blocks_of(bytes(new))
 
 
 def test_a_renamed_large_file_is_renamed_on_the_target_and_patched(tmp_path: Path) -> None:

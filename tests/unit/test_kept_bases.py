@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from pathlib import Path
 
+import pytest
+
 from agents import delta, tarstream
+from agents.content import ContentDB
 from agents.delta import MIN_BLOCK_SIZE, Base, BaseCache
-from agents.extract import Extractor
-from agents.incremental import Bases, plan_with_bases
+from agents.extract import Extractor, FileDigest
+from agents.incremental import Bases, _add_bases, plan_with_bases, selection_line
 from agents.manifest import walk
 from agents.source import Snapshots
 from agents.tarparse import Header
@@ -146,7 +150,7 @@ def test_the_extractor_reports_large_files_with_their_patch(tmp_path: Path) -> N
 
     def keep(h: Header, fd: int) -> None:
         size = os.fstat(fd).st_size
-        if h.patch_sha256 is not None:
+        if h.patch_digest is not None:
             seen[h.path] = delta.patched(fd, old_base, h.runs, size)
         else:
             seen[h.path] = delta.describe(fd, size, delta.block_size_for(size))
@@ -157,3 +161,79 @@ def test_the_extractor_reports_large_files_with_their_patch(tmp_path: Path) -> N
         ex.finish()
     assert sorted(seen) == [b"big", b"whole"]
     assert seen[b"big"] == described(dst / "big") and seen[b"whole"] == described(dst / "whole")
+
+
+def _renamed_on_the_source(
+    tmp_path: Path, *, touch: bool = False, copy: bool = False
+) -> tuple[Path, Path, BaseCache]:
+    """Source file A, copied to the target in an earlier pass, then renamed to X on the
+    source (or, with `copy`, replaced by a copy at X; with `touch`, written since)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    data = secrets.token_bytes(2 << 20)
+    old_ns = time.time_ns() - 3600 * 10**9
+    (src / "A").write_bytes(data)
+    os.utime(src / "A", ns=(old_ns, old_ns))
+    (dst / "A").write_bytes(data)
+    os.utime(dst / "A", ns=(old_ns, old_ns))
+    os.chmod(dst / "A", os.stat(src / "A").st_mode)
+    cache = BaseCache()
+    st = os.stat(src / "A")
+    cache.note_source(VOLUME, b"A", (st.st_ino, st.st_size, st.st_mtime_ns))
+    if copy:
+        (src / "X").write_bytes(data)
+        os.utime(src / "X", ns=(old_ns, old_ns))
+        os.unlink(src / "A")
+    else:
+        os.rename(src / "A", src / "X")
+    if touch:
+        os.utime(src / "X")  # written just now: inside the window
+        os.utime(dst / "A", ns=(os.stat(src / "X").st_atime_ns, os.stat(src / "X").st_mtime_ns))
+    return src, dst, cache
+
+
+@pytest.mark.parametrize("case", ["renamed", "written since", "another file"])
+def test_a_file_renamed_on_the_source_and_unchanged_is_only_renamed(
+    tmp_path: Path, case: str
+) -> None:
+    src, dst, cache = _renamed_on_the_source(
+        tmp_path, touch=case == "written since", copy=case == "another file"
+    )
+    renames: list[tuple[bytes, bytes]] = []
+    renamed: dict[bytes, Base | None] = {}
+    selected = dict(
+        plan_with_bases(
+            walk(src),
+            dst,
+            window_start_ns=time.time_ns() - 60 * 10**9,
+            renamed=renamed,
+            bases=Bases(cache, VOLUME),
+            on_rename=lambda old, new: renames.append((old, new)),
+        )
+    )
+    assert sorted(os.listdir(dst)) == ["X"]  # renamed on the target in every case
+    assert b"X" in selected  # selected while joining; the caller drops it when renamed is None
+    if case == "renamed":
+        assert renamed == {b"X": None} and renames == [(b"A", b"X")]
+    else:  # compared block by block, as any leftover taken over
+        assert isinstance(renamed[b"X"], Base) and renames == []
+
+
+def test_dropped_paths_leave_the_selection(tmp_path: Path) -> None:
+    path = tmp_path / "selection"
+    path.write_bytes(selection_line(b".", None) + selection_line(b"X", None))
+    base = Base(PAGE, bytes(16))
+    assert _add_bases(path, {b"X": None}) == 1
+    assert path.read_bytes() == selection_line(b".", None)
+    path.write_bytes(selection_line(b"Y", None))
+    assert _add_bases(path, {b"Y": base}) == 0
+    assert path.read_bytes() == selection_line(b"Y", base)
+
+
+def test_the_content_manifest_follows_a_rename(tmp_path: Path) -> None:
+    db = ContentDB(tmp_path / "content.db")
+    db.record([FileDigest(b"A", "a" * 64, 5), FileDigest(b"X", "x" * 64, 7)])
+    db.rename(b"A", b"X")
+    assert db.lookup(b"X") == ("a" * 64, 5) and db.lookup(b"A") is None
+    assert db.count() == 1
