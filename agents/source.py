@@ -31,6 +31,7 @@ from agents.delta import Base, diff
 from agents.frames import FrameEncoder, next_chunk_length
 from agents.incremental import select
 from agents.manifest import Entry, Totals, entry_from_json, entry_to_json, walk
+from agents.spool import SpoolWriter, sums_path
 from agents.tarstream import VolumeFiles
 
 log = logging.getLogger("migrator_agent.source")
@@ -233,16 +234,17 @@ class Snapshots:
         with contextlib.suppress(FileNotFoundError):
             marker.unlink()
         started = time.monotonic()
-        with open(spool, "wb") as out:
+        # Not synced: its digests are (agents/spool.py), and a damaged copy fails the stream.
+        out = SpoolWriter(spool)
+        try:
             dirty = tarstream.freeze(root, identity.entries(), out)
-            out.flush()
-            # Durable before the containers run again: after a crash of this host the spool
-            # must hold what the volume held, or the stream could not be resumed.
-            os.fdatasync(out.fileno())
-            written = out.tell()
-        if dirty or written != data_bytes:
+        except BaseException:
+            out.abort()
+            raise
+        out.close()
+        if dirty or out.size != data_bytes:
             log.info("stream %s not frozen: %d files changed while copied", stream_id, len(dirty))
-            spool.unlink()
+            out.abort()
             return identity
         _write_durably(marker, json.dumps({"data_bytes": data_bytes}).encode())
         self._prune_spools(keep=stream_id)
@@ -281,7 +283,8 @@ class Snapshots:
         kept = sorted(self.directory.glob("*.ndjson"), key=lambda p: p.stat().st_mtime)
         for old in kept[: max(0, len(kept) - self.keep)]:
             stream_id = old.name.removesuffix(".ndjson")
-            for path in (self.frozen_path(stream_id), self.spool_path(stream_id), old):
+            spool = self.spool_path(stream_id)
+            for path in (self.frozen_path(stream_id), spool, sums_path(spool), old):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
 
@@ -293,7 +296,8 @@ class Snapshots:
             stream_id = old.name.removesuffix(".frozen")
             if stream_id == keep:
                 continue
-            for path in (old, self.spool_path(stream_id)):
+            spool = self.spool_path(stream_id)
+            for path in (old, spool, sums_path(spool)):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
 

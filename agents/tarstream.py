@@ -20,9 +20,10 @@ import stat
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Protocol
 
 from agents.manifest import ROOT, Entry, EntryType
+from agents.spool import SpoolReader
 
 BLOCK_SIZE = 512
 TRAILER = bytes(2 * BLOCK_SIZE)
@@ -402,7 +403,7 @@ def generate(
     if read_size < BLOCK_SIZE:
         raise ValueError(f"read_size {read_size} is below {BLOCK_SIZE}")
     counters = progress if progress is not None else StreamProgress()
-    spool_fd = None if spool is None else os.open(spool, os.O_RDONLY | os.O_CLOEXEC)
+    reader = None if spool is None else SpoolReader(spool)
     try:
         for chunk in _generate(
             os.fsencode(root),
@@ -412,13 +413,13 @@ def generate(
             on_entry,
             counters,
             hash_files,
-            spool_fd,
+            reader,
         ):
             counters.stream_bytes += len(chunk)
             yield chunk
     finally:
-        if spool_fd is not None:
-            os.close(spool_fd)
+        if reader is not None:
+            reader.close()
 
 
 def _generate(
@@ -429,7 +430,7 @@ def _generate(
     on_entry: OnEntry | None,
     progress: StreamProgress,
     hash_files: bool,
-    spool_fd: int | None = None,
+    spool: SpoolReader | None = None,
 ) -> Iterator[bytes]:
     chunker = _Chunker(read_size)
     parents = _ParentDirs(root)
@@ -444,8 +445,8 @@ def _generate(
                 skip = max(0, start_offset - offset)
                 file: _FileSource | _SpoolSource = (
                     _FileSource(parents, entry, read_size)
-                    if spool_fd is None
-                    else _SpoolSource(spool_fd, spooled, layout.runs, read_size)
+                    if spool is None
+                    else _SpoolSource(spool, spooled, layout.runs, read_size)
                 )
                 report = yield from _emit_entry(
                     entry, layout, offset, skip, file, chunker, progress, hash_files
@@ -595,9 +596,9 @@ class _SpoolSource:
     short = False
 
     def __init__(
-        self, fd: int, start: int, runs: tuple[tuple[int, int], ...], read_size: int
+        self, spool: SpoolReader, start: int, runs: tuple[tuple[int, int], ...], read_size: int
     ) -> None:
-        self._fd = fd
+        self._spool = spool
         self._read_size = read_size
         self._runs: dict[int, int] = {}  # run offset in the file -> its position in the spool
         at = start
@@ -612,9 +613,7 @@ class _SpoolSource:
         at = self._runs[run_offset] + offset - run_offset
         end = at + length
         while at < end:
-            data = os.pread(self._fd, min(self._read_size, end - at), at)
-            if not data:
-                raise OSError(errno.EIO, "the frozen stream's spool is shorter than its entries")
+            data = self._spool.pread(min(self._read_size, end - at), at)
             at += len(data)
             yield data
 
@@ -625,7 +624,11 @@ class _SpoolSource:
         pass
 
 
-def freeze(root: str | bytes, entries: Iterable[Entry], out: BinaryIO) -> list[bytes]:
+class _Writable(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
+def freeze(root: str | bytes, entries: Iterable[Entry], out: _Writable) -> list[bytes]:
     """Copy the data a stream of `entries` carries (each file's runs, back to back, in order)
     from the volume to `out`, so the stream can be generated later without reading the volume
     again (`generate(spool=...)`). Returns the paths of files that changed or were short while

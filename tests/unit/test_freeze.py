@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agents import delta, source, tarstream
+from agents import delta, source, spool, tarstream
 from agents.delta import MIN_BLOCK_SIZE
 from agents.source import Snapshots
+from agents.spool import SpoolDamaged
 from tests.unit.test_source import produce
 
 
@@ -104,3 +105,22 @@ def test_spools_are_bounded(tmp_path: Path, volume: Path) -> None:
     assert spools == sorted(ids[-source.FROZEN_KEPT :])
     oldest = snapshots.find(ids[0])
     assert oldest is not None and not oldest.frozen  # generated from the volume again
+
+
+def test_a_damaged_copy_fails_the_stream_instead_of_sending_it(
+    tmp_path: Path, volume: Path
+) -> None:
+    """The copy is not synced while the containers wait: a crash of the host may damage it.
+    Every MiB of it is checked against its digest when read back."""
+    snapshots = Snapshots(tmp_path / "snap")
+    frozen = snapshots.take(volume, None, freeze=True)
+    assert frozen.spool is not None
+    size = frozen.spool.stat().st_size
+    with open(frozen.spool, "r+b") as f:
+        f.seek(size - 10)
+        f.write(b"\xff" * 10)
+    with pytest.raises(SpoolDamaged):
+        b"".join(tarstream.generate(volume, frozen.entries(), spool=frozen.spool))
+    spool.sums_path(frozen.spool).write_bytes(b"short")
+    with pytest.raises(SpoolDamaged):
+        b"".join(tarstream.generate(volume, frozen.entries(), spool=frozen.spool))
