@@ -2,25 +2,31 @@
 
 The copy must hold exactly what the volume held, also after a crash of the source host once
 the containers run again. Instead of waiting for the copy to reach the disk (an fdatasync of a
-few hundred MB, while the containers are still stopped), every `CHUNK` of it is hashed as it is
-written, the digests are made durable (a few KB), and every chunk is checked when it is read
+few hundred MB, while the containers are still stopped), every piece of it is hashed as it is
+written, the digests are made durable (a few KB), and every piece is checked when it is read
 back: a copy the crash damaged fails the stream (`SpoolDamaged`), it never sends wrong bytes.
 
-Layout: `<name>.data` (the bytes) and `<name>.sums` (SHA-256 of each CHUNK-sized piece of it,
-the last one short, concatenated).
+Layout: `<name>.data` (the bytes) and `<name>.sums` (for each piece, in order: its length as a
+little-endian u32 and its SHA-256).
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import hashlib
 import os
+import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-CHUNK = 1 << 20
-DIGEST = 32
+PIECE_MIN = 256 << 10
+"""Writes smaller than this are gathered into one piece: a piece is checked as a whole."""
+PIECES_BEHIND = 4
+_ENTRY = struct.Struct("<I32s")  # a piece in the sums file: its length, its SHA-256
 
 
 class SpoolDamaged(OSError):
@@ -32,41 +38,63 @@ def sums_path(data_path: Path) -> Path:
     return data_path.with_suffix(".sums")
 
 
+def _sha256(data: bytes | bytearray | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
 class SpoolWriter:
-    """Writes the data and hashes it CHUNK by CHUNK (`close` writes the digests durably)."""
+    """Writes the data in pieces (each large write is one, small ones are gathered), hashing
+    each piece in a helper thread while the next is written; `close` writes the digests
+    durably."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._out: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._pending = bytearray()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="spool-hash")
+        self._hashing: deque[tuple[int, Future[bytes]]] = deque()
         self._sums = bytearray()
         self.size = 0
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
+    def write(self, data: bytes) -> None:
+        if len(data) >= PIECE_MIN:
+            self._flush_pending()
+            self._piece(data)
+        else:
+            self._pending += data
+            if len(self._pending) >= PIECE_MIN:
+                self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            self._piece(bytes(self._pending))
+            self._pending.clear()
+
+    def _piece(self, data: bytes) -> None:
+        self._hashing.append((len(data), self._pool.submit(_sha256, data)))
         self._out.write(data)
         self.size += len(data)
-        view = memoryview(data)
-        while view:
-            take = min(len(view), CHUNK - len(self._pending))
-            self._pending += view[:take]
-            view = view[take:]
-            if len(self._pending) == CHUNK:
-                self._sums += hashlib.sha256(self._pending).digest()
-                self._pending.clear()
+        while len(self._hashing) > PIECES_BEHIND:
+            self._collect()
+
+    def _collect(self) -> None:
+        length, digest = self._hashing.popleft()
+        self._sums += _ENTRY.pack(length, digest.result())
 
     def close(self) -> None:
         """Flush the data (to the page cache), then write the digests and sync them."""
-        if self._pending:
-            self._sums += hashlib.sha256(self._pending).digest()
-            self._pending.clear()
+        self._flush_pending()
+        while self._hashing:
+            self._collect()
+        self._pool.shutdown()
         self._out.close()
-        sums = sums_path(self.path)
-        with open(sums, "wb") as f:
+        with open(sums_path(self.path), "wb") as f:
             f.write(self._sums)
             f.flush()
             os.fsync(f.fileno())
 
     def abort(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
         self._out.close()
         for path in (self.path, sums_path(self.path)):
             with contextlib.suppress(FileNotFoundError):
@@ -74,45 +102,54 @@ class SpoolWriter:
 
 
 class SpoolReader:
-    """Reads a spool at any offset; each CHUNK is checked against its digest when first read
+    """Reads a spool at any offset; each piece is checked against its digest when first read
     (the last checked one is kept: a stream reads its spool front to back)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         data_path = Path(path)
         self._fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            self._sums = sums_path(data_path).read_bytes()
+            sums = sums_path(data_path).read_bytes()
             self.size = os.fstat(self._fd).st_size
         except BaseException:
             os.close(self._fd)
             raise
-        if len(self._sums) != -(-self.size // CHUNK) * DIGEST:
+        self._starts: list[int] = []
+        self._pieces: list[tuple[int, bytes]] = []
+        at = 0
+        for length, digest in _ENTRY.iter_unpack(sums[: len(sums) // _ENTRY.size * _ENTRY.size]):
+            self._starts.append(at)
+            self._pieces.append((length, digest))
+            at += length
+        if at != self.size or len(sums) % _ENTRY.size:
             self.close()
-            raise SpoolDamaged(f"{len(self._sums) // DIGEST} digests for {self.size} bytes")
+            raise SpoolDamaged(f"its digests cover {at} bytes of {self.size}")
         self._index = -1
-        self._chunk = b""
+        self._piece = b""
 
     def pread(self, length: int, offset: int) -> bytes:
         out = bytearray()
         while length > 0:
-            index, at = divmod(offset, CHUNK)
-            chunk = self._load(index)
-            piece = chunk[at : at + length]
-            if not piece:
+            if not 0 <= offset < self.size:
                 raise SpoolDamaged(f"offset {offset} is past its end ({self.size})")
-            out += piece
-            offset += len(piece)
-            length -= len(piece)
+            index = bisect.bisect_right(self._starts, offset) - 1
+            piece = self._load(index)
+            at = offset - self._starts[index]
+            part = piece[at : at + length]
+            out += part
+            offset += len(part)
+            length -= len(part)
         return bytes(out)
 
     def _load(self, index: int) -> bytes:
         if index != self._index:
-            chunk = os.pread(self._fd, CHUNK, index * CHUNK)
-            want = self._sums[index * DIGEST : (index + 1) * DIGEST]
-            if hashlib.sha256(chunk).digest() != want:
-                raise SpoolDamaged(f"bytes {index * CHUNK}..{index * CHUNK + len(chunk)}")
-            self._index, self._chunk = index, chunk
-        return self._chunk
+            length, want = self._pieces[index]
+            piece = os.pread(self._fd, length, self._starts[index])
+            if len(piece) != length or _sha256(piece) != want:
+                start = self._starts[index]
+                raise SpoolDamaged(f"bytes {start}..{start + length}")
+            self._index, self._piece = index, piece
+        return self._piece
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -60,7 +60,7 @@ PRECOPY_MAX_PASSES = 5
 PRECOPY_NO_GAIN = 0.8
 # What one attempt's quiesce records in the checkpoint; a retry after its containers were
 # started again begins afresh.
-QUIESCED_POLL_S = 0.05
+QUIESCED_POLL_S = 0.02
 QUIESCE_KEYS = ("stopping_ids", "stopped_ids", "stopped_at", "restarted", "restarted_at")
 PULL_ERROR_CODES = {
     "volume_not_found": "source_volume_not_found",
