@@ -2,4 +2,7 @@ import sys
 
 from agents.cli import main
 
-sys.exit(main())
+# Guarded: worker processes that multiprocessing spawns (agents/delta.py) import the main
+# module again, and must not start another agent.
+if __name__ == "__main__":
+    sys.exit(main())

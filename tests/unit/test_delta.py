@@ -301,3 +301,25 @@ def test_leftovers_nobody_takes_are_deleted(tmp_path: Path) -> None:
     assert selected == [b".", b"newdir", b"newdir/big"]
     assert renamed == {}
     assert os.listdir(dst) == []
+
+
+def test_a_large_file_is_compared_in_worker_processes_with_the_same_result(
+    tmp_path: Path,
+) -> None:
+    size = delta.PROCESS_MIN_SIZE + 3 * PAGE + 10
+    old = secrets.token_bytes(size)
+    new = bytearray(old)
+    for at in (0, PAGE + 1, size // 2 - 1, size // 2, size - 5):  # both halves, the seam
+        new[at] ^= 0xFF
+    base = base_of(old, tmp_path)
+    path = tmp_path / "new.bin"
+    path.write_bytes(new)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        in_workers = delta.diff(fd, size, base)
+        in_process = delta._compare(fd, 0, size, base)
+    finally:
+        os.close(fd)
+    assert in_workers.runs == tuple(in_process[0])
+    assert in_workers.digest == blocks_of(bytes(new))
+    assert apply(old, size, in_workers.runs, bytes(new)) == bytes(new)
