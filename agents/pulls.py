@@ -26,7 +26,7 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -321,6 +321,14 @@ class Pull:
 
     def save_journal(self) -> None:
         write_atomic(self.dir / "journal.json", asdict(self.journal))
+
+    def stage_journal(self, journal: Journal) -> Path:
+        """`journal` written next to the journal's place, not synced and not in place yet (the
+        per-frame commit syncs it with the volume's data, then renames it)."""
+        staged = self.dir / "journal.json.tmp"
+        with open(staged, "wb") as f:
+            f.write(json.dumps(asdict(journal), separators=(",", ":")).encode())
+        return staged
 
     @classmethod
     def load(cls, pull_dir: Path) -> Pull:
@@ -904,21 +912,24 @@ class PullManager:
             # Digests before the commit: after a crash, files finished past the journaled
             # checkpoint are reported again, so no digest can be lost between the two.
             pull.content.record(extractor.drain_digests())
-            checkpoint = extractor.commit()
+            checkpoint = extractor.checkpoint()
+            # The frame's digest and the new journal are written first, and one sync makes
+            # them durable with the volume's data; the journal's rename comes after it, so it
+            # never names data that is not on disk (if the rename itself is lost in a crash,
+            # the pull resumes from the frame before: digests.bin is cut to the journal).
+            with open(pull.dir / "digests.bin", "ab") as f:
+                f.write(frame.sha256)
+            after = replace(j, offset=frame.end_offset, frames=j.frames + 1, checkpoint=checkpoint)
+            staged = pull.stage_journal(after)
+            extractor.sync()
+            os.replace(staged, pull.dir / "journal.json")
+            j.offset, j.frames, j.checkpoint = after.offset, after.frames, after.checkpoint
         except WriteFailed as e:
             if isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.ENOSPC:
                 raise PullFailed("target_no_space", f"the target volume is full: {e.detail}") from e
             raise PullFailed(e.code, e.detail) from e
         except ExtractError as e:
             raise PullFailed(e.code, f"refused by the target: {e.detail}") from e
-        with open(pull.dir / "digests.bin", "ab") as f:
-            f.write(frame.sha256)
-            f.flush()
-            os.fsync(f.fileno())
-        j.offset = frame.end_offset
-        j.frames += 1
-        j.checkpoint = checkpoint
-        pull.save_journal()
         pull.raw_bytes_received += len(frame.raw)
         pull.progress.bytes_done = j.offset
         pull.progress.files_done = int(checkpoint.get("progress", {}).get("files_done", 0))
