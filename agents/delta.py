@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import multiprocessing
 import os
 import re
@@ -26,8 +27,11 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger("migrator_agent.delta")
 
 # Smaller files are sent whole: a few reads and a header cost more than the patch saves.
 MIN_DELTA_SIZE = 1 << 20
@@ -205,12 +209,18 @@ def diff(fd: int, size: int, base: Base) -> Patch:
     one thread."""
     parts = _halves(size, base.block_size)
     results: list[tuple[list[tuple[int, int]], bytes]]
-    if len(parts) > 1 and size >= PROCESS_MIN_SIZE:
+    in_workers = len(parts) > 1 and size >= PROCESS_MIN_SIZE
+    if in_workers:
         # The workers reopen the very file this fd is (not its path, which may have changed).
         path = f"/proc/{os.getpid()}/fd/{fd}"
-        futures = [_workers().submit(_compare_path, path, start, end, base) for start, end in parts]
-        results = [future.result() for future in futures]
-    else:
+        try:
+            futures = [_workers().submit(_compare_path, path, s, e, base) for s, e in parts]
+            results = [future.result() for future in futures]
+        except BrokenProcessPool as e:  # a worker died (or could not start): do it here
+            log.warning("comparison workers failed, comparing in the agent: %s", e)
+            _reset_workers()
+            in_workers = False
+    if not in_workers:
         results = [_compare(fd, start, end, base) for start, end in parts]
     runs: list[tuple[int, int]] = []
     for part_runs, _ in results:
@@ -220,7 +230,7 @@ def diff(fd: int, size: int, base: Base) -> Patch:
     return Patch(tuple(runs), blocks_digest(base.block_size, [digests]))
 
 
-PROCESS_MIN_SIZE = 32 << 20
+PROCESS_MIN_SIZE = 4 << 20
 _WORKERS: ProcessPoolExecutor | None = None
 _WORKERS_LOCK = threading.Lock()
 
@@ -238,6 +248,14 @@ def _workers() -> ProcessPoolExecutor:
                 initargs=(os.getpid(),),
             )
         return _WORKERS
+
+
+def _reset_workers() -> None:
+    global _WORKERS
+    with _WORKERS_LOCK:
+        if _WORKERS is not None:
+            _WORKERS.shutdown(wait=False, cancel_futures=True)
+            _WORKERS = None
 
 
 def _exit_with_parent(parent: int) -> None:

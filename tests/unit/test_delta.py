@@ -323,3 +323,17 @@ def test_a_large_file_is_compared_in_worker_processes_with_the_same_result(
     assert in_workers.runs == tuple(in_process[0])
     assert in_workers.digest == blocks_of(bytes(new))
     assert apply(old, size, in_workers.runs, bytes(new)) == bytes(new)
+
+
+def test_broken_workers_fall_back_to_comparing_in_the_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Broken:
+        def submit(self, *args: object) -> object:
+            raise delta.BrokenProcessPool("a worker died")
+
+    monkeypatch.setattr(delta, "_workers", lambda: Broken())
+    size = delta.PROCESS_MIN_SIZE + PAGE
+    old = secrets.token_bytes(size)
+    new = old[:-1] + b"!"
+    assert patch_of(new, base_of(old, tmp_path), tmp_path).runs == ((size - PAGE, PAGE),)
