@@ -28,6 +28,7 @@ from pathlib import Path
 
 from agents import tarstream
 from agents.delta import Base, diff
+from agents.durable import write_durably
 from agents.frames import FrameEncoder, next_chunk_length
 from agents.incremental import select
 from agents.manifest import Entry, Totals, entry_from_json, entry_to_json, walk
@@ -246,7 +247,7 @@ class Snapshots:
             log.info("stream %s not frozen: %d files changed while copied", stream_id, len(dirty))
             out.abort()
             return identity
-        _write_durably(marker, json.dumps({"data_bytes": data_bytes}).encode())
+        write_durably(marker, json.dumps({"data_bytes": data_bytes}).encode())
         self._prune_spools(keep=stream_id)
         log.info(
             "stream %s frozen: %d bytes of data copied in %.2f s",
@@ -300,20 +301,6 @@ class Snapshots:
             for path in (old, spool, sums_path(spool)):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_snapshot(path: Path) -> Iterator[Entry]:
