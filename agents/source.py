@@ -289,6 +289,15 @@ class Snapshots:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
 
+    def unfreeze(self, stream_id: str) -> None:
+        """Drop a frozen stream's copy (it was found damaged): a resume of the stream then gets
+        an unfrozen hello, which its target refuses at once instead of retrying a copy that
+        cannot be read."""
+        spool = self.spool_path(stream_id)
+        for path in (self.frozen_path(stream_id), spool, sums_path(spool)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
     def _prune_spools(self, keep: str) -> None:
         """Spools take disk space: only the newest FROZEN_KEPT are kept (an older frozen
         stream is then generated from the volume again, and reports what changed as dirty)."""

@@ -32,6 +32,7 @@ from agents.frames import (
 )
 from agents.incremental import parse_selection_with_bases
 from agents.source import FrameProducer, Snapshots
+from agents.spool import SpoolDamaged
 from agents.transfer_token import TokenExpired, TokenInvalid, verify_transfer_token
 from agents.views import readable_volume
 
@@ -172,6 +173,8 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
             encoder.policy.observe_send(size, time.monotonic() - t0)
         if producer.error is not None:
             log.warning("stream of %s failed: %s", name, producer.error)
+            if isinstance(producer.error, SpoolDamaged):
+                await asyncio.to_thread(snapshots.unfreeze, identity.stream_id)
             await resp.write(
                 encoder.error(
                     "source_read_failed",

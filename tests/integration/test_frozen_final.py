@@ -12,7 +12,10 @@ from pathlib import Path
 
 import docker
 import pytest
+import requests
 
+from agents import frames
+from agents.transfer_token import default_expiry, mint_transfer_token
 from tests.agentclient import AgentHTTP
 from tests.coordinatorclient import API
 from tests.images import busybox_image
@@ -91,3 +94,40 @@ def wait_for_round(root: Path, count: int) -> None:
     while int((root / "seq").read_text() or 0) < count:
         assert time.monotonic() < deadline, "the writer did not go on after the restart"
         time.sleep(0.1)
+
+
+def test_a_damaged_frozen_copy_is_dropped_and_its_stream_no_longer_frozen(
+    agent_a: AgentProcess, docker_a: docker.DockerClient, volume_name: str
+) -> None:
+    """After a crash of the source host the unsynced copy may be damaged: reading it fails the
+    stream, and the copy is dropped, so the target's next attempt meets an unfrozen stream and
+    fails its pull at once (the coordinator's retry stops the containers again)."""
+    docker_a.api.create_volume(volume_name)
+    (mountpoint(docker_a, volume_name) / "data").write_bytes(secrets.token_bytes(3 << 20))
+    token = mint_transfer_token(
+        agent_a.token, volume=volume_name, transfer_id="t", expires_at=default_expiry()
+    )
+    url = f"{agent_a.url}/v1/volumes/{volume_name}/stream"
+    headers = {"Authorization": f"Transfer {token}"}
+
+    def stream(**params: str) -> list[frames.Frame]:
+        r = requests.get(url, params=params, headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        decoder = frames.FrameDecoder()
+        return decoder.feed(r.content)
+
+    first = stream(freeze="1")
+    hello = first[0].json or {}
+    assert hello["frozen"] is True and first[-1].kind is frames.FrameKind.TRAILER
+    streams = agent_a.state_dir / "streams" / volume_name
+    spool = streams / f"{hello['stream_id']}.data"
+    with open(spool, "r+b") as f:  # what a crash may leave of an unsynced file
+        f.seek(1 << 20)
+        f.write(bytes(4096))
+    damaged = stream(offset="0", stream_id=hello["stream_id"])
+    assert (damaged[0].json or {})["frozen"] is True
+    assert damaged[-1].kind is frames.FrameKind.ERROR
+    assert "damaged" in str((damaged[-1].json or {}).get("message"))
+    again = stream(offset="0", stream_id=hello["stream_id"])
+    assert (again[0].json or {})["frozen"] is False
+    assert not spool.exists()
