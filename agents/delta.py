@@ -44,8 +44,8 @@ database file of up to 1 GiB (PostgreSQL's segment size) is compared page by pag
 MAX_BLOCKS = 1 << 20
 """The most digests a source accepts for one file (16 MiB of them)."""
 DIGEST_SIZE = 16
-MAX_SOURCES_NOTED = 1 << 20
-"""Large files whose source inode a BaseCache remembers (~150 bytes each)."""
+MAX_SOURCES_NOTED = 1 << 16
+"""Large files whose source inode a BaseCache remembers (~150 bytes each: ~10 MB at most)."""
 READ_SIZE = 1 << 20
 
 
@@ -185,18 +185,6 @@ def parse_blocks_digest(value: str) -> int | None:
         return None
     block = int(match.group(1))
     return block if MIN_BLOCK_SIZE <= block <= MAX_BLOCK_SIZE else None
-
-
-def file_blocks_digest(fd: int, block_size: int) -> str:
-    """`blocks_digest` of an open file's content (verification)."""
-    size = os.fstat(fd).st_size
-    return blocks_digest(block_size, _full_digests(fd, 0, size, block_size))
-
-
-def _full_digests(fd: int, start: int, end: int, block_size: int) -> Iterator[bytes]:
-    sha = hashlib.sha256
-    for block in _read_blocks(fd, start, end, block_size):
-        yield sha(block).digest()
 
 
 def diff(fd: int, size: int, base: Base) -> Patch:

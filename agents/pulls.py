@@ -487,6 +487,7 @@ class PullManager:
             with contextlib.suppress(BaseException):
                 await task
         if discard:
+            self.bases.forget(pull.spec.volume)  # what was kept describes files going away
             if pull.created_volume:
                 with contextlib.suppress(AgentError):
                     await asyncio.to_thread(self.volumes.remove, pull.spec.volume)
