@@ -205,6 +205,7 @@ class Snapshots:
         data the stream carries (`_freeze`). Blocking."""
         self.directory.mkdir(parents=True, exist_ok=True)
         hasher = StreamHasher(selection)
+        data_bytes = 0
         tmp = self.directory / f".walk-{os.getpid()}-{threading.get_ident()}.tmp"
         with open(tmp, "wb") as f:
             for entry in stream_entries(root, selection, bases):
@@ -212,13 +213,16 @@ class Snapshots:
                 hasher.add(entry, line)
                 f.write(line)
                 f.write(b"\n")
+                data_bytes += tarstream.data_bytes(entry)
         final = self.path(hasher.stream_id)
         os.replace(tmp, final)
         self._prune()
         identity = StreamIdentity(hasher.stream_id, hasher.total_size, hasher.totals, final)
-        return self._freeze(root, identity) if freeze else identity
+        return self._freeze(root, identity, data_bytes) if freeze else identity
 
-    def _freeze(self, root: str | bytes, identity: StreamIdentity) -> StreamIdentity:
+    def _freeze(
+        self, root: str | bytes, identity: StreamIdentity, data_bytes: int
+    ) -> StreamIdentity:
         """Copy the stream's file data to a spool next to its snapshot, so that the stream is
         generated from there and the volume is free again as soon as this returns: the final
         pass of a quiesced migration restarts the source's containers then, not after the
@@ -226,7 +230,6 @@ class Snapshots:
         the data is larger than FREEZE_MAX_BYTES or than half the free space here, or when a
         file changed while it was copied."""
         stream_id = identity.stream_id
-        data_bytes = sum(tarstream.data_bytes(e) for e in identity.entries())
         free = shutil.disk_usage(self.directory).free
         if data_bytes > FREEZE_MAX_BYTES or 2 * data_bytes > free:
             log.info("stream %s not frozen: %d bytes of data, %d free", stream_id, data_bytes, free)
