@@ -25,13 +25,14 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger("migrator_agent.delta")
+T = TypeVar("T")
 
 # Smaller files are sent whole: a few reads and a header cost more than the patch saves.
 MIN_DELTA_SIZE = 1 << 20
@@ -149,19 +150,40 @@ def _digests(fd: int, start: int, end: int, block_size: int) -> bytes:
 
 
 def _halves(size: int, block_size: int) -> list[tuple[int, int]]:
-    """Two block-aligned halves of [0, size), hashed by two threads (hashlib releases the GIL:
-    a large file is described in about half the time on two cores)."""
+    """Two block-aligned halves of [0, size)."""
     middle = (size // 2) // block_size * block_size
     return [(0, middle), (middle, size)] if middle else [(0, size)]
+
+
+def _by_halves(fd: int, size: int, block_size: int, work: Callable[..., T], *args: Any) -> list[T]:
+    """`work(fd, start, end, *args)` over the two halves of an open file: for a large file in
+    two worker processes (`_workers`; in two threads of one process, the GIL taken back after
+    every 8 KiB block made them slower than one thread), else here. The workers reopen the
+    very file the fd is, not its path (which may have changed)."""
+    parts = _halves(size, block_size)
+    if len(parts) > 1 and size >= PROCESS_MIN_SIZE:
+        path = f"/proc/{os.getpid()}/fd/{fd}"
+        try:
+            futures = [_workers().submit(_on_path, work, path, s, e, *args) for s, e in parts]
+            return [future.result() for future in futures]
+        except BrokenProcessPool as e:  # a worker died (or could not start): do it here
+            log.warning("hashing workers failed, hashing in the agent: %s", e)
+            _reset_workers()
+    return [work(fd, start, end, *args) for start, end in parts]
+
+
+def _on_path(work: Callable[..., T], path: str, start: int, end: int, *args: Any) -> T:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return work(fd, start, end, *args)
+    finally:
+        os.close(fd)
 
 
 def describe(fd: int, size: int, block_size: int | None = None) -> Base:
     """The target side: the base of the first `size` bytes of an open file."""
     block = block_size or block_size_for(size)
-    parts = _halves(size, block)
-    with ThreadPoolExecutor(len(parts), thread_name_prefix="describe") as pool:
-        digests = b"".join(pool.map(lambda part: _digests(fd, part[0], part[1], block), parts))
-    return Base(block, digests)
+    return Base(block, b"".join(_by_halves(fd, size, block, _digests, block)))
 
 
 BLOCKS_DIGEST_RE = re.compile(r"blocks-sha256:([0-9]{4,9}):([0-9a-f]{64})")
@@ -191,25 +213,8 @@ def diff(fd: int, size: int, base: Base) -> Patch:
     """The source side: read `size` bytes of an open file, compare them with `base`, and
     return the runs that differ and the file's `blocks_digest`. Bytes missing at the end (the
     file shrank since it was listed) are sent as zeros; the stream reports the file dirty.
-
-    A large file's two halves are compared in two worker processes (`_workers`): in two
-    threads of one process, the GIL taken back after every 8 KiB block made them slower than
-    one thread."""
-    parts = _halves(size, base.block_size)
-    results: list[tuple[list[tuple[int, int]], bytes]]
-    in_workers = len(parts) > 1 and size >= PROCESS_MIN_SIZE
-    if in_workers:
-        # The workers reopen the very file this fd is (not its path, which may have changed).
-        path = f"/proc/{os.getpid()}/fd/{fd}"
-        try:
-            futures = [_workers().submit(_compare_path, path, s, e, base) for s, e in parts]
-            results = [future.result() for future in futures]
-        except BrokenProcessPool as e:  # a worker died (or could not start): do it here
-            log.warning("comparison workers failed, comparing in the agent: %s", e)
-            _reset_workers()
-            in_workers = False
-    if not in_workers:
-        results = [_compare(fd, start, end, base) for start, end in parts]
+    Both halves are compared at once (`_by_halves`)."""
+    results = _by_halves(fd, size, base.block_size, _compare, base)
     runs: list[tuple[int, int]] = []
     for part_runs, _ in results:
         for offset, length in part_runs:
@@ -255,16 +260,6 @@ def _exit_with_parent(parent: int) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def _compare_path(
-    path: str, start: int, end: int, base: Base
-) -> tuple[list[tuple[int, int]], bytes]:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return _compare(fd, start, end, base)
-    finally:
-        os.close(fd)
 
 
 def _compare(fd: int, start: int, end: int, base: Base) -> tuple[list[tuple[int, int]], bytes]:

@@ -321,6 +321,12 @@ def test_a_large_file_is_compared_in_worker_processes_with_the_same_result(
     finally:
         os.close(fd)
     assert in_workers.runs == tuple(in_process[0])
+    # The target's side goes the same way: its description equals one taken here, in order.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert delta.describe(fd, size, PAGE).digests == delta._digests(fd, 0, size, PAGE)
+    finally:
+        os.close(fd)
     assert in_workers.digest == blocks_of(bytes(new))
     assert apply(old, size, in_workers.runs, bytes(new)) == bytes(new)
 
