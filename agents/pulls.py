@@ -235,6 +235,10 @@ class Journal:
     previous_pass_start_ns: int | None = None
     frozen: bool = False
     """The source froze this pass's stream: it no longer reads its volume for it."""
+    bases_kept: int = 0
+    """Block deltas whose base came from the last pass (BaseCache) ..."""
+    bases_read: int = 0
+    """... and those the plan had to read the file for."""
 
 
 @dataclass
@@ -629,7 +633,7 @@ class PullManager:
                 window_start_ns=previous.source_now_ns,
                 on_delete=pull.content.forget,
                 on_rename=pull.content.rename,
-                bases=Bases(self.bases, pull.spec.volume, keep=pull.spec.keep_bases),
+                bases=(bases := Bases(self.bases, pull.spec.volume, keep=pull.spec.keep_bases)),
             )
         except PlanError as e:
             if e.code == "transfer_failed":
@@ -642,6 +646,8 @@ class PullManager:
             pass_no=previous.pass_no + 1,
             incremental=True,
             previous_pass_start_ns=previous.source_now_ns,
+            bases_kept=bases.cached,
+            bases_read=bases.described,
         )
         await asyncio.to_thread(self._reset_pass_files, pull)
 
@@ -941,6 +947,8 @@ class PullManager:
                 "transfer_digest": digest,
                 "dirty": trailer.get("dirty_count", 0),
                 "changed": bool(trailer.get("changed")),
+                "bases_kept": pull.journal.bases_kept,
+                "bases_read": pull.journal.bases_read,
             }
         )
         _close_extractor(pull)

@@ -73,6 +73,8 @@ def test_frozen_final_pass_restarts_the_containers_before_the_delta_crossed(
     final = AgentHTTP(agent_b).get(f"/v1/pulls/{created['id']}-final").json()
     assert final["state"] == "succeeded" and final["source_read"] is True
     assert final["passes"][-1]["bytes"] >= TABLE  # the table, all of it rewritten
+    # The pre-copy passes kept the table's block digests: the final plan read nothing.
+    assert (final["passes"][-1]["bases_kept"], final["passes"][-1]["bases_read"]) == (1, 0)
     # ... and the container ran again well before the pull had the delta.
     stop, start = events(docker_a, container, since)
     assert stop[0] == "stop" and start[0] == "start"
