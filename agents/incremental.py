@@ -170,16 +170,9 @@ class Bases:
             os.close(fd)
 
 
-def _base(files: VolumeFiles, src: Entry, dst: Entry, bases: Bases | None) -> Base | None:
-    if bases is not None:
-        return bases.base(files, src, dst)
-    fd = files.open(dst.path)
-    if fd is None:
-        return None
-    try:
-        return describe(fd, dst.size, block_size_for(max(src.size, dst.size)))
-    finally:
-        os.close(fd)
+def _no_kept_bases() -> Bases:
+    """A plan that keeps nothing: every base is read (an empty cache nobody fills)."""
+    return Bases(BaseCache(), "")
 
 
 def plan_with_bases(
@@ -226,7 +219,7 @@ class _Planner:
         on_rename: OnRename | None = None,
     ) -> None:
         self.root = root
-        self.bases = bases
+        self.bases = bases if bases is not None else _no_kept_bases()
         self.on_rename = on_rename
         self.files = files
         self.window_start_ns = window_start_ns
@@ -251,7 +244,7 @@ class _Planner:
                 dst = next(target, None)
             if src.type is EntryType.SOCKET:
                 continue
-            if self.bases is not None and self.bases.keep and _patchable(src, src):
+            if self.bases.keep and _patchable(src, src):
                 # Which source file the target's copy of this path is: the next plan
                 # recognises it when it has been renamed.
                 self.bases.cache.note_source(self.bases.volume, src.path, source_key(src))
@@ -265,7 +258,7 @@ class _Planner:
                 selected_inodes.add(src.path)
             base = None
             if self.deltas and same is not None and _patchable(src, same):
-                base = _base(self.files, src, same, self.bases)
+                base = self.bases.base(self.files, src, same)
             elif self.deltas and same is None and _patchable(src, src):
                 self.new_large.append(src)
             yield src.path, base
@@ -290,10 +283,9 @@ class _Planner:
         for left in reversed(self.leftovers):  # popped from the end: in manifest order
             by_stamp.setdefault((left.size, left.mtime_ns), []).append(left)
             by_size.setdefault(left.size, []).append(left)
-            if self.bases is not None:
-                was = self.bases.cache.source_of(self.bases.volume, left.path)
-                if was is not None:
-                    by_source[was] = left
+            was = self.bases.cache.source_of(self.bases.volume, left.path)
+            if was is not None:
+                by_source[was] = left
         taken: set[bytes] = set()
         paired: dict[bytes, Base | None] = {}
         for new in self.new_large:
@@ -316,7 +308,7 @@ class _Planner:
             taken.add(spare.path)
             if self.on_delete is not None:
                 self.on_delete(spare.path)
-            base = _base(self.files, new, dataclasses.replace(spare, path=new.path), self.bases)
+            base = self.bases.base(self.files, new, dataclasses.replace(spare, path=new.path))
             if base is not None:
                 paired[new.path] = base
         for old in self.leftovers:
@@ -343,7 +335,7 @@ def _pop_free(candidates: list[Entry] | None, taken: set[bytes]) -> Entry | None
     return None
 
 
-def _rename(files: VolumeFiles, old: bytes, new: bytes, bases: Bases | None = None) -> bool:
+def _rename(files: VolumeFiles, old: bytes, new: bytes, bases: Bases) -> bool:
     """Move the target's `old` to `new` (whose directory must exist and which must not);
     False when that cannot be done safely. A base kept for `old` follows it."""
     (old_dir, old_name), (new_dir, new_name) = os.path.split(old), os.path.split(new)
@@ -362,10 +354,9 @@ def _rename(files: VolumeFiles, old: bytes, new: bytes, bases: Bases | None = No
             os.rename(old_name, new_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
         except OSError:
             return False
-        if bases is not None:
-            with contextlib.suppress(OSError):
-                after = os.stat(new_name, dir_fd=dst_fd, follow_symlinks=False)
-                bases.cache.moved(bases.volume, old, new, before, after)
+        with contextlib.suppress(OSError):
+            after = os.stat(new_name, dir_fd=dst_fd, follow_symlinks=False)
+            bases.cache.moved(bases.volume, old, new, before, after)
         return True
     finally:
         for fd in (src_fd, dst_fd):
@@ -499,6 +490,7 @@ async def plan_incremental_pass(
 ) -> int:
     """Fetch the source manifest, plan against the target, write the selection file.
     Returns the number of selected paths."""
+    bases = bases if bases is not None else _no_kept_bases()
     manifest = selection_path.with_name("source-manifest.ndjson")
     await fetch_manifest(session, manifest_url, token, manifest)
 
@@ -529,8 +521,8 @@ async def plan_incremental_pass(
                 described + len(renamed) - unchanged,
                 count,
                 len(renamed) - unchanged,
-                bases.cached if bases is not None else 0,
-                bases.described if bases is not None else described + len(renamed),
+                bases.cached,
+                bases.described,
                 unchanged,
             )
         return count
