@@ -16,7 +16,7 @@ import pytest
 from tests.agentclient import AgentHTTP
 from tests.faultproxy import FaultProxy, Faults
 from tests.testbed import AgentProcess
-from tests.transfers import assert_same_tree, mountpoint, start_pull, wait_pull
+from tests.transfers import assert_same_tree, get_pull, mountpoint, start_pull, wait_pull
 
 pytestmark = pytest.mark.integration
 
@@ -145,6 +145,40 @@ def test_renamed_large_files_are_renamed_not_resent(
     pull = next_pass(agent_a, agent_b, volume_name, earlier)
     assert pull["state"] == "succeeded", pull
     assert pull["passes"][-1]["bytes"] < changed + (64 << 10), pull["passes"]
+    target = mountpoint(docker_b, volume_name)
+    assert_same_tree(source_volume, target)
+    assert AgentHTTP(agent_b).post(f"/v1/pulls/{pull['id']}/verify").json()["verified"] is True
+
+
+def test_a_file_renamed_but_unchanged_since_the_last_pass_is_only_renamed(
+    agent_a: AgentProcess,
+    agent_b: AgentProcess,
+    docker_b: docker.DockerClient,
+    source_volume: Path,
+    volume_name: str,
+) -> None:
+    """A pass that keeps bases notes which source file each large path is; when one is then
+    renamed and not written (a recycled WAL segment waiting for reuse), the next pass renames
+    the target's copy and neither compares nor sends it, and its content digest follows."""
+    wal = source_volume / "pg_wal"
+    wal.mkdir()
+    old_ns = time.time_ns() - 3600 * 10**9
+    for n in range(3):
+        (wal / f"00000001000000000000000{n}").write_bytes(secrets.token_bytes(4 << 20))
+        os.utime(wal / f"00000001000000000000000{n}", ns=(old_ns, old_ns))
+    earlier = first_copy(agent_a, agent_b, volume_name)
+    window = get_pull(agent_b, earlier)["pass_started_ns"]
+    noted = next_pass(
+        agent_a, agent_b, volume_name, earlier, keep_bases=True, window_start_ns=window
+    )
+    assert noted["state"] == "succeeded", noted
+    os.rename(wal / "000000010000000000000000", wal / "000000010000000000000003")
+    pull = next_pass(
+        agent_a, agent_b, volume_name, noted["id"], window_start_ns=noted["pass_started_ns"]
+    )
+    assert pull["state"] == "succeeded", pull
+    last = pull["passes"][-1]
+    assert (last["files"], last["bases_kept"], last["bases_read"]) == (0, 0, 0), last
     target = mountpoint(docker_b, volume_name)
     assert_same_tree(source_volume, target)
     assert AgentHTTP(agent_b).post(f"/v1/pulls/{pull['id']}/verify").json()["verified"] is True
