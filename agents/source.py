@@ -202,61 +202,56 @@ class Snapshots:
         freeze: bool = False,
     ) -> StreamIdentity:
         """Walk the volume, write its manifest, name the stream; with `freeze`, also copy the
-        data the stream carries (`_freeze`). Blocking."""
+        data the stream carries (`_Freezer`), each file as soon as the walk has listed (and
+        compared) it, while the walk goes on. Blocking."""
         self.directory.mkdir(parents=True, exist_ok=True)
         hasher = StreamHasher(selection)
         data_bytes = 0
         tmp = self.directory / f".walk-{os.getpid()}-{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as f:
-            for entry in stream_entries(root, selection, bases):
-                line = entry_fingerprint(entry)
-                hasher.add(entry, line)
-                f.write(line)
-                f.write(b"\n")
-                data_bytes += tarstream.data_bytes(entry)
-        final = self.path(hasher.stream_id)
-        os.replace(tmp, final)
-        self._prune()
-        identity = StreamIdentity(hasher.stream_id, hasher.total_size, hasher.totals, final)
-        return self._freeze(root, identity, data_bytes) if freeze else identity
+        freezer = _Freezer(root, self.directory) if freeze else None
+        try:
+            with open(tmp, "wb") as f:
+                for entry in stream_entries(root, selection, bases):
+                    line = entry_fingerprint(entry)
+                    hasher.add(entry, line)
+                    f.write(line)
+                    f.write(b"\n")
+                    data_bytes += tarstream.data_bytes(entry)
+                    if freezer is not None:
+                        freezer.add(entry, data_bytes)
+            final = self.path(hasher.stream_id)
+            os.replace(tmp, final)
+            self._prune()
+            identity = StreamIdentity(hasher.stream_id, hasher.total_size, hasher.totals, final)
+            if freezer is None:
+                return identity
+            return self._frozen(identity, freezer, data_bytes)
+        finally:
+            if freezer is not None:
+                freezer.abort()  # a no-op once `_frozen` kept its copy
 
-    def _freeze(
-        self, root: str | bytes, identity: StreamIdentity, data_bytes: int
+    def _frozen(
+        self, identity: StreamIdentity, freezer: _Freezer, data_bytes: int
     ) -> StreamIdentity:
-        """Copy the stream's file data to a spool next to its snapshot, so that the stream is
-        generated from there and the volume is free again as soon as this returns: the final
-        pass of a quiesced migration restarts the source's containers then, not after the
-        whole delta crossed the network. Not frozen (the stream reads the volume as usual) when
-        the data is larger than FREEZE_MAX_BYTES or than half the free space here, or when a
-        file changed while it was copied."""
+        """The stream, frozen if its copy is whole: the volume is free again as soon as this
+        returns, so the final pass of a quiesced migration restarts the source's containers
+        then, not after the whole delta crossed the network. Not frozen (the stream reads the
+        volume as usual) when the data is larger than FREEZE_MAX_BYTES or than half the free
+        space here, or when a file changed while it was copied."""
         stream_id = identity.stream_id
-        free = shutil.disk_usage(self.directory).free
-        if data_bytes > FREEZE_MAX_BYTES or 2 * data_bytes > free:
-            log.info("stream %s not frozen: %d bytes of data, %d free", stream_id, data_bytes, free)
-            return identity
         marker, spool = self.frozen_path(stream_id), self.spool_path(stream_id)
         with contextlib.suppress(FileNotFoundError):
             marker.unlink()
-        started = time.monotonic()
-        # Not synced: its digests are (agents/spool.py), and a damaged copy fails the stream.
-        out = SpoolWriter(spool)
-        try:
-            dirty = tarstream.freeze(root, identity.entries(), out)
-        except BaseException:
-            out.abort()
-            raise
-        out.close()
-        if dirty or out.size != data_bytes:
-            log.info("stream %s not frozen: %d files changed while copied", stream_id, len(dirty))
-            out.abort()
+        if not freezer.finish(stream_id, data_bytes):
             return identity
+        freezer.keep_as(spool)
         write_durably(marker, json.dumps({"data_bytes": data_bytes}).encode())
         self._prune_spools(keep=stream_id)
         log.info(
             "stream %s frozen: %d bytes of data copied in %.2f s",
             stream_id,
             data_bytes,
-            time.monotonic() - started,
+            freezer.elapsed,
         )
         return dataclasses.replace(identity, spool=spool)
 
@@ -313,6 +308,95 @@ class Snapshots:
             for path in (old, spool, sums_path(spool)):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+
+
+class _Freezer:
+    """Copies a stream's file data to a spool in a thread of its own while the walk lists
+    (and compares) the next entries: the entries go to it in stream order through a queue.
+    Gives up (nothing kept) as soon as the data passes FREEZE_MAX_BYTES or half the space that
+    was free when it started."""
+
+    def __init__(self, root: str | bytes, directory: Path) -> None:
+        self._limit = min(FREEZE_MAX_BYTES, shutil.disk_usage(directory).free // 2)
+        self._path = directory / f".freeze-{os.getpid()}-{threading.get_ident()}.data"
+        self._out = SpoolWriter(self._path)
+        # Bounded: a walk far ahead of the copy waits instead of queueing a million entries.
+        self._entries: queue.Queue[Entry | None] = queue.Queue(maxsize=4096)
+        self._drained = False
+        self._started = time.monotonic()
+        self.elapsed = 0.0
+        self._too_large = False
+        self._stopped = False
+        self._kept = False
+        self._dirty: list[bytes] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._copy, args=(root,), name="freeze")
+        self._thread.start()
+
+    def add(self, entry: Entry, data_bytes: int) -> None:
+        """Copy `entry`'s data next; `data_bytes` is the stream's data up to it, inclusive."""
+        if self._stopped:
+            return
+        if data_bytes > self._limit:
+            self._too_large = True
+            self._stop()
+        elif tarstream.data_bytes(entry):
+            self._entries.put(entry)
+
+    def finish(self, stream_id: str, data_bytes: int) -> bool:
+        """Wait for the copy; True if it is whole, its digests durable."""
+        self._stop()
+        if self._error is not None:
+            raise self._error
+        if self._too_large:
+            log.info(
+                "stream %s not frozen: %d bytes of data, at most %d here",
+                stream_id,
+                data_bytes,
+                self._limit,
+            )
+            return False
+        self._out.close()
+        if self._dirty or self._out.size != data_bytes:
+            log.info(
+                "stream %s not frozen: %d files changed while copied", stream_id, len(self._dirty)
+            )
+            return False
+        self.elapsed = time.monotonic() - self._started
+        return True
+
+    def keep_as(self, path: Path) -> None:
+        os.replace(sums_path(self._path), sums_path(path))
+        os.replace(self._path, path)
+        self._kept = True
+
+    def abort(self) -> None:
+        self._stop()
+        if not self._kept:
+            self._out.abort()
+
+    def _stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._entries.put(None)
+        self._thread.join()
+
+    def _queued(self) -> Iterator[Entry]:
+        """The entries to copy, until the end mark; taken but not copied once too large."""
+        while (entry := self._entries.get()) is not None:
+            if not self._too_large:
+                yield entry
+        self._drained = True
+
+    def _copy(self, root: str | bytes) -> None:
+        try:
+            self._dirty = tarstream.freeze(root, self._queued(), self._out)
+        except BaseException as e:  # raised again by `finish`
+            self._error = e
+        finally:
+            if not self._drained:  # the walk must never wait on a queue nobody takes from
+                for _ in self._queued():
+                    pass
 
 
 def read_snapshot(path: Path) -> Iterator[Entry]:

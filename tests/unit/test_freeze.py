@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,35 @@ def test_a_damaged_copy_fails_the_stream_instead_of_sending_it(
     spool.sums_path(frozen.spool).write_bytes(b"short")
     with pytest.raises(SpoolDamaged):
         b"".join(tarstream.generate(volume, frozen.entries(), spool=frozen.spool))
+
+
+def test_a_copy_that_fails_fails_the_walk_and_leaves_nothing(
+    tmp_path: Path, volume: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy runs beside the walk; when it fails, the walk still ends (it never waits on
+    a queue nobody takes from, here with more files than the queue holds) and says why."""
+    many = volume / "many"
+    many.mkdir()
+    for i in range(5000):
+        (many / str(i)).write_bytes(b"m")
+
+    def broken(root: object, entries: object, out: object) -> list[bytes]:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tarstream, "freeze", broken)
+    snapshots = Snapshots(tmp_path / "snap")
+    outcome: list[BaseException | None] = []
+
+    def take() -> None:
+        try:
+            snapshots.take(volume, None, freeze=True)
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    walker = threading.Thread(target=take)
+    walker.start()
+    walker.join(timeout=60)
+    assert not walker.is_alive()
+    assert isinstance(outcome[0], OSError) and outcome[0].errno == 28
+    assert not [p.name for p in (tmp_path / "snap").iterdir() if not p.name.endswith(".ndjson")]
