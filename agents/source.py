@@ -31,7 +31,8 @@ from agents.delta import Base, diff
 from agents.durable import write_durably
 from agents.frames import FrameEncoder, next_chunk_length
 from agents.incremental import select
-from agents.manifest import Entry, Totals, entry_from_json, entry_to_json, walk
+from agents.manifest import Entry, Totals, walk
+from agents.records import SnapshotDamaged, entry_record, read_records, write_record
 from agents.spool import SpoolWriter, sums_path
 from agents.tarstream import VolumeFiles
 
@@ -44,6 +45,9 @@ SNAPSHOTS_KEPT = 32
 # A few frames in flight between the producer thread and the socket: enough to keep both busy
 # (hashing runs at ~1.8 GB/s, loopback at ~1.6 GB/s), bounded so memory stays 3 x chunk size.
 QUEUE_FRAMES = 3
+# Chunks between the producer thread (reading files, building headers) and the encoder thread
+# (hashing, compressing): one being encoded, one waiting.
+RAW_QUEUE_CHUNKS = 1
 # Dirty paths are listed in the trailer up to this many; beyond it the trailer says so and the
 # target treats the pass as changed as a whole.
 MAX_DIRTY_LISTED = 10_000
@@ -51,19 +55,20 @@ MAX_DIRTY_LISTED = 10_000
 # small delta of a pre-copied final pass, not for a whole volume.
 FREEZE_MAX_BYTES = 4 << 30
 FROZEN_KEPT = 2
+SNAPSHOT_SUFFIX = ".snap"
 
 
 def entry_fingerprint(entry: Entry) -> bytes:
-    """Canonical bytes of everything about an entry that a stream depends on (also the line
-    a snapshot stores it as)."""
-    return json.dumps(entry_to_json(entry), sort_keys=True, separators=(",", ":")).encode()
+    """Canonical bytes of everything about an entry that a stream depends on (also the record
+    a snapshot stores it as, agents/records.py)."""
+    return entry_record(entry)
 
 
 class StreamHasher:
     """Running digest of a manifest in walk order: the stream id, and the stream's size."""
 
     def __init__(self, selection: list[bytes] | None = None) -> None:
-        self._sha = hashlib.sha256(b"volume-migrator manifest v1\n")
+        self._sha = hashlib.sha256(b"volume-migrator manifest v2\n")
         if selection is not None:  # a filtered stream is another stream
             self._sha.update(b"selection %d\n" % len(selection))
             for path in selection:
@@ -108,7 +113,7 @@ class StreamIdentity:
 
     def entries(self) -> Iterator[Entry]:
         assert self.snapshot is not None
-        return read_snapshot(self.snapshot)
+        return read_records(self.snapshot)
 
 
 def stream_entries(
@@ -184,7 +189,7 @@ class Snapshots:
         self.keep = keep
 
     def path(self, stream_id: str) -> Path:
-        return self.directory / f"{stream_id}.ndjson"
+        return self.directory / f"{stream_id}{SNAPSHOT_SUFFIX}"
 
     def spool_path(self, stream_id: str) -> Path:
         return self.directory / f"{stream_id}.data"
@@ -212,10 +217,9 @@ class Snapshots:
         try:
             with open(tmp, "wb") as f:
                 for entry in stream_entries(root, selection, bases):
-                    line = entry_fingerprint(entry)
-                    hasher.add(entry, line)
-                    f.write(line)
-                    f.write(b"\n")
+                    record = entry_fingerprint(entry)
+                    hasher.add(entry, record)
+                    write_record(f, record)
                     data_bytes += tarstream.data_bytes(entry)
                     if freezer is not None:
                         freezer.add(entry, data_bytes)
@@ -265,9 +269,13 @@ class Snapshots:
         except FileNotFoundError:
             return None
         hasher = StreamHasher()
-        for entry in read_snapshot(path):
-            hasher.size += tarstream.entry_span(entry)
-            hasher.totals.add(entry)
+        try:
+            for entry in read_records(path):
+                hasher.size += tarstream.entry_span(entry)
+                hasher.totals.add(entry)
+        except SnapshotDamaged as e:
+            log.warning("snapshot of stream %s not used: %s", stream_id, e)
+            return None
         spool = self.spool_path(stream_id)
         try:
             marker = json.loads(self.frozen_path(stream_id).read_bytes())
@@ -279,9 +287,11 @@ class Snapshots:
         )
 
     def _prune(self) -> None:
-        kept = sorted(self.directory.glob("*.ndjson"), key=lambda p: p.stat().st_mtime)
+        for legacy in self.directory.glob("*.ndjson"):  # JSON-lines snapshots of old versions
+            legacy.unlink(missing_ok=True)
+        kept = sorted(self.directory.glob(f"*{SNAPSHOT_SUFFIX}"), key=lambda p: p.stat().st_mtime)
         for old in kept[: max(0, len(kept) - self.keep)]:
-            stream_id = old.name.removesuffix(".ndjson")
+            stream_id = old.name.removesuffix(SNAPSHOT_SUFFIX)
             spool = self.spool_path(stream_id)
             for path in (self.frozen_path(stream_id), spool, sums_path(spool), old):
                 with contextlib.suppress(FileNotFoundError):
@@ -399,12 +409,6 @@ class _Freezer:
                     pass
 
 
-def read_snapshot(path: Path) -> Iterator[Entry]:
-    with open(path, "rb") as f:
-        for line in f:
-            yield entry_from_json(json.loads(line))
-
-
 @dataclass
 class ProducerResult:
     """What the producer knows once the last data frame is out."""
@@ -422,7 +426,9 @@ _DONE = object()
 
 
 class FrameProducer:
-    """Generates the data frames of one response in a worker thread.
+    """Generates the data frames of one response in two worker threads: a producer (reading
+    files, building the tar stream, cutting it into chunks) and an encoder (hashing and maybe
+    compressing each chunk into a frame).
 
     `frames()` is consumed from the event loop through `next_frame` (one thread hop per frame);
     `stop()` ends the producer early (the client went away).
@@ -443,20 +449,24 @@ class FrameProducer:
         self.progress = tarstream.StreamProgress()
         self.error: BaseException | None = None
         self._queue: queue.Queue[object] = queue.Queue(maxsize=QUEUE_FRAMES)
+        self._raw: queue.Queue[object] = queue.Queue(maxsize=RAW_QUEUE_CHUNKS)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stream-producer", daemon=True)
+        self._encoder = threading.Thread(target=self._encode, name="stream-encoder", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        self._encoder.start()
 
     def stop(self) -> None:
         self._stop.set()
-        # Unblock a producer waiting on a full queue.
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
+        # Unblock a producer or an encoder waiting on a full queue.
+        for q in (self._raw, self._queue):
+            while True:
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
 
     def next_frame(self) -> tuple[bytes, bytes] | None:
         """Blocking: the next data frame as (header, payload), or None at the end (see
@@ -467,10 +477,11 @@ class FrameProducer:
         assert isinstance(item, tuple)
         return item
 
-    def _put(self, item: object) -> bool:
+    def _put(self, item: object, into: queue.Queue[object] | None = None) -> bool:
+        into = self._queue if into is None else into
         while not self._stop.is_set():
             try:
-                self._queue.put(item, timeout=0.5)
+                into.put(item, timeout=0.5)
                 return True
             except queue.Full:
                 continue
@@ -483,12 +494,31 @@ class FrameProducer:
                 self.result.dirty.append(report.entry.path.decode("utf-8", "surrogateescape"))
 
     def _run(self) -> None:
+        """The producer thread: the stream's bytes, cut into chunks for the encoder."""
         try:
             self._produce()
         except BaseException as e:  # handed to the event loop, which sends an error frame
             self.error = e
         finally:
-            self._put(_DONE)
+            self._put(_DONE, self._raw)
+
+    def _encode(self) -> None:
+        """The encoder thread: hashes (and maybe compresses) each chunk into a frame, in
+        order, while the producer reads the next files; both release the GIL for most of it.
+        A failure here ends the stream as the producer's would: the event loop sends an
+        error frame and stops the producer."""
+        try:
+            while (item := self._raw.get()) is not _DONE:
+                assert isinstance(item, tuple)
+                raw, offset = item
+                frame = self.encoder.data_parts(raw, offset)
+                self.result.end_offset = offset + len(raw)
+                del raw, item
+                if not self._put(frame):
+                    return  # stopped: nobody reads on
+        except BaseException as e:
+            self.error = e
+        self._put(_DONE)
 
     def _produce(self) -> None:
         chunk = self.encoder.chunk_size
@@ -523,15 +553,10 @@ class FrameProducer:
             if not self._emit(b"".join(parts), offset):
                 return
             offset += have
-        self.result.end_offset = offset
         self.result.files = self.progress.files
 
     def _emit(self, raw: bytes, offset: int) -> bool:
-        if self._stop.is_set():
-            return False
-        frame = self.encoder.data_parts(raw, offset)
-        self.result.end_offset = offset + len(raw)
-        return self._put(frame)
+        return self._put((raw, offset), self._raw)
 
     def trailer(self) -> dict[str, object]:
         r = self.result

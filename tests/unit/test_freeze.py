@@ -156,4 +156,4 @@ def test_a_copy_that_fails_fails_the_walk_and_leaves_nothing(
     walker.join(timeout=60)
     assert not walker.is_alive()
     assert isinstance(outcome[0], OSError) and outcome[0].errno == 28
-    assert not [p.name for p in (tmp_path / "snap").iterdir() if not p.name.endswith(".ndjson")]
+    assert not [p.name for p in (tmp_path / "snap").iterdir() if not p.name.endswith(".snap")]

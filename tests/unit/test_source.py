@@ -72,6 +72,6 @@ def test_snapshots_are_bounded_and_lookups_are_safe(tmp_path: Path) -> None:
     for i in range(6):
         (root / f"f{i}").write_bytes(b"x")
         snapshots.take(root, None)
-    assert len(list((tmp_path / "snap").glob("*.ndjson"))) == 3
+    assert len(list((tmp_path / "snap").glob("*.snap"))) == 3
     assert snapshots.find("../../etc/passwd") is None
     assert snapshots.find("m1-" + "0" * 32) is None
