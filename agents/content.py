@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agents.delta import blocks_digest, parse_blocks_digest
+from agents.delta import block_digest, blocks_digest, parse_blocks_digest
 from agents.manifest import EntryType, decode_path, walk
 
 if TYPE_CHECKING:  # the extractor imports this module: no import back at run time
@@ -150,7 +150,6 @@ def file_sha256(path: bytes, block_size: int | None = None) -> tuple[str, str]:
     same, or with `block_size` its `blocks_digest` (computed in the same read)."""
     h = hashlib.sha256()
     blocks: list[bytes] = []
-    sha = hashlib.sha256
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         while chunk := os.read(fd, READ_SIZE if block_size is None else max(READ_SIZE, block_size)):
@@ -158,7 +157,7 @@ def file_sha256(path: bytes, block_size: int | None = None) -> tuple[str, str]:
             if block_size is not None:
                 view = memoryview(chunk)
                 blocks += [
-                    sha(view[at : at + block_size]).digest()
+                    block_digest(view[at : at + block_size])
                     for at in range(0, len(view), block_size)
                 ]
     finally:

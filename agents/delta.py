@@ -4,7 +4,9 @@ A database rewrites a few pages of a large file all the time, so in a live copy 
 files change in every pass, and re-sending them whole keeps every pass (and the final one,
 during the downtime) as long as the first. Instead, when an incremental pass selects a large
 regular file that the target already has, the target describes its copy: a block size and the
-SHA-256 of each block, cut to 16 bytes (a `Base`). The source reads its file, compares block
+BLAKE3 of each block, cut to 16 bytes (a `Base`; BLAKE3 hashes 8 KiB blocks at 1.8x the speed
+of SHA-256 here, and the comparison of a database's changed files is most of a quiesced final
+pass, while its containers are stopped). The source reads its file, compares block
 by block, and streams a *patch*: the runs of blocks that differ (a block past the end of the
 target's copy always differs), the file's size, and the digest of its whole content block by
 block (`blocks_digest`). The target writes the runs into its copy in place, truncates it to the
@@ -18,7 +20,6 @@ digests (16 bytes a block, at most `MAX_BLOCKS` blocks a file).
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import multiprocessing
 import os
@@ -30,6 +31,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from blake3 import blake3
 
 log = logging.getLogger("migrator_agent.delta")
 T = TypeVar("T")
@@ -45,6 +48,9 @@ database file of up to 1 GiB (PostgreSQL's segment size) is compared page by pag
 MAX_BLOCKS = 1 << 20
 """The most digests a source accepts for one file (16 MiB of them)."""
 DIGEST_SIZE = 16
+BLOCK_HASH = "blake3-128"
+"""How a base's digests are made; a base made another way (an agent of another version) is
+refused rather than compared."""
 MAX_SOURCES_NOTED = 1 << 16
 """Large files whose source inode a BaseCache remembers (~150 bytes each: ~10 MB at most)."""
 READ_SIZE = 1 << 20
@@ -60,7 +66,7 @@ class Base:
 
     block_size: int
     digests: bytes
-    """SHA-256 of each block (the last may be short), cut to DIGEST_SIZE bytes, concatenated."""
+    """BLAKE3 of each block (the last may be short), DIGEST_SIZE bytes, concatenated."""
 
     @property
     def blocks(self) -> int:
@@ -71,6 +77,7 @@ class Base:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "hash": BLOCK_HASH,
             "block_size": self.block_size,
             "digests": base64.b64encode(self.digests).decode("ascii"),
         }
@@ -79,6 +86,10 @@ class Base:
     def from_json(cls, doc: object) -> Base:
         if not isinstance(doc, dict):
             raise BaseError("base: not an object")
+        if doc.get("hash") != BLOCK_HASH:
+            raise BaseError(
+                f"base: hash must be {BLOCK_HASH!r} (the target agent runs another version?)"
+            )
         size, digests = doc.get("block_size"), doc.get("digests")
         if not isinstance(size, int) or isinstance(size, bool):
             raise BaseError("base: block_size must be an integer")
@@ -144,9 +155,13 @@ def _read_blocks(fd: int, start: int, end: int, block_size: int) -> Iterator[mem
         offset += len(data)
 
 
+def block_digest(data: bytes | memoryview) -> bytes:
+    """The full (32-byte) digest of one block; a base keeps its first DIGEST_SIZE bytes."""
+    return blake3(data).digest()
+
+
 def _digests(fd: int, start: int, end: int, block_size: int) -> bytes:
-    sha = hashlib.sha256
-    return b"".join(sha(b).digest()[:DIGEST_SIZE] for b in _read_blocks(fd, start, end, block_size))
+    return b"".join(blake3(b).digest(DIGEST_SIZE) for b in _read_blocks(fd, start, end, block_size))
 
 
 def _halves(size: int, block_size: int) -> list[tuple[int, int]]:
@@ -186,18 +201,19 @@ def describe(fd: int, size: int, block_size: int | None = None) -> Base:
     return Base(block, b"".join(_by_halves(fd, size, block, _digests, block)))
 
 
-BLOCKS_DIGEST_RE = re.compile(r"blocks-sha256:([0-9]{4,9}):([0-9a-f]{64})")
+BLOCKS_DIGEST_RE = re.compile(r"blocks-blake3:([0-9]{4,9}):([0-9a-f]{64})")
 
 
 def blocks_digest(block_size: int, digests: Iterable[bytes]) -> str:
-    """A file's content digest block by block: the SHA-256 of the SHA-256 of each of its
-    `block_size` blocks (the last one short), written `blocks-sha256:<block size>:<hex>`.
-    As strong as the SHA-256 of the whole, and computed from the block digests a comparison
-    takes anyway, so a patch costs the source one hash of each byte instead of two."""
-    whole = hashlib.sha256()
+    """A file's content digest block by block: the BLAKE3 of the full BLAKE3 digest of each
+    of its `block_size` blocks (the last one short), written `blocks-blake3:<block size>:<hex>`.
+    A collision-resistant digest of the whole content, computed from the block digests a
+    comparison takes anyway, so a patch costs the source one hash of each byte instead of
+    two."""
+    whole = blake3()
     for digest in digests:
         whole.update(digest)
-    return f"blocks-sha256:{block_size}:{whole.hexdigest()}"
+    return f"blocks-blake3:{block_size}:{whole.hexdigest()}"
 
 
 def parse_blocks_digest(value: str) -> int | None:
@@ -263,9 +279,9 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _compare(fd: int, start: int, end: int, base: Base) -> tuple[list[tuple[int, int]], bytes]:
-    """Runs that differ from `base` in bytes [start, end), and the SHA-256 of each block,
+    """Runs that differ from `base` in bytes [start, end), and the full digest of each block,
     concatenated."""
-    sha = hashlib.sha256
+    hash_block = blake3
     block = base.block_size
     runs: list[tuple[int, int]] = []
     digests: list[bytes] = []
@@ -283,7 +299,7 @@ def _compare(fd: int, start: int, end: int, base: Base) -> tuple[list[tuple[int,
         view = memoryview(data)
         at16 = offset // block * DIGEST_SIZE
         for at in range(0, want, block):
-            digest = sha(view[at : at + block]).digest()
+            digest = hash_block(view[at : at + block]).digest()
             append(digest)
             if short or at16 >= have or digest[:DIGEST_SIZE] != theirs[at16 : at16 + DIGEST_SIZE]:
                 _add_run(runs, offset + at, min(block, want - at))

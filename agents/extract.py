@@ -88,7 +88,7 @@ from agents.tarparse import (
     unb64,
 )
 
-CHECKPOINT_VERSION = 3  # 3: patches carry a blocks-sha256 digest
+CHECKPOINT_VERSION = 4  # 3: patches carry a blocks digest; 4: of BLAKE3 block digests
 _ZEROS = bytes(1 << 20)  # holes are hashed from this buffer, 1 MiB per update call
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

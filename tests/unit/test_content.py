@@ -7,7 +7,7 @@ import secrets
 from pathlib import Path
 
 from agents.content import ContentDB, PathIndex, verify_volume
-from agents.delta import blocks_digest
+from agents.delta import block_digest, blocks_digest
 from agents.extract import FileDigest
 
 
@@ -59,9 +59,7 @@ def test_a_patched_file_is_verified_block_by_block_and_the_tree_digest_is_plain(
             FileDigest(b"plain", hashlib.sha256(b"p").hexdigest(), 1),
         ]
     )
-    blocks = [
-        hashlib.sha256(data[at : at + (8 << 10)]).digest() for at in range(0, len(data), 8 << 10)
-    ]
+    blocks = [block_digest(data[at : at + (8 << 10)]) for at in range(0, len(data), 8 << 10)]
     patched = ContentDB(tmp_path / "patched.db")
     patched.record(
         [

@@ -4,16 +4,16 @@ by the extractor to the target's copy."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import secrets
 from pathlib import Path
 
 import pytest
+from blake3 import blake3
 
 from agents import delta, tarstream
-from agents.delta import DIGEST_SIZE, MIN_BLOCK_SIZE, Base, BaseError, Patch
+from agents.delta import BLOCK_HASH, DIGEST_SIZE, MIN_BLOCK_SIZE, Base, BaseError, Patch
 from agents.extract import Extractor
 from agents.incremental import parse_selection_with_bases, plan_with_bases, selection_line
 from agents.manifest import entry_from_json, entry_to_json, walk
@@ -45,8 +45,8 @@ def patch_of(new: bytes, base: Base, tmp_path: Path) -> Patch:
 
 def blocks_of(data: bytes | bytearray, block: int = PAGE) -> str:
     """What a patch's digest must be: computed here independently of agents/delta.py's loop."""
-    hashes = [hashlib.sha256(data[at : at + block]).digest() for at in range(0, len(data), block)]
-    return f"blocks-sha256:{block}:{hashlib.sha256(b''.join(hashes)).hexdigest()}"
+    hashes = [blake3(data[at : at + block]).digest() for at in range(0, len(data), block)]
+    return f"blocks-blake3:{block}:{blake3(b''.join(hashes)).hexdigest()}"
 
 
 def apply(old: bytes, new_size: int, runs: tuple[tuple[int, int], ...], new: bytes) -> bytes:
@@ -102,11 +102,17 @@ def test_block_size_grows_with_the_file() -> None:
     [
         None,
         [],
-        {"block_size": 100, "digests": ""},
-        {"block_size": True, "digests": ""},
-        {"block_size": PAGE, "digests": "!!!"},
-        {"block_size": PAGE, "digests": base64.b64encode(b"x" * (DIGEST_SIZE + 1)).decode()},
-        {"block_size": PAGE},
+        {"hash": BLOCK_HASH, "block_size": 100, "digests": ""},
+        {"hash": BLOCK_HASH, "block_size": True, "digests": ""},
+        {"hash": BLOCK_HASH, "block_size": PAGE, "digests": "!!!"},
+        {
+            "hash": BLOCK_HASH,
+            "block_size": PAGE,
+            "digests": base64.b64encode(b"x" * (DIGEST_SIZE + 1)).decode(),
+        },
+        {"hash": BLOCK_HASH, "block_size": PAGE},
+        {"block_size": PAGE, "digests": ""},  # made by an agent of an older version
+        {"hash": "sha256-128", "block_size": PAGE, "digests": ""},
     ],
 )
 def test_bad_bases_are_refused(doc: object) -> None:

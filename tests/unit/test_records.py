@@ -36,7 +36,7 @@ def test_every_entry_comes_back_whole(volume: Path, tmp_path: Path) -> None:
     assert {e.type for e in entries} >= {EntryType.DIR, EntryType.FILE, EntryType.SYMLINK}
     patched = Entry(
         b"db/table", EntryType.FILE, 0o600, 70, 70, 1 << 20, 1, 2, 3,
-        patch=Patch(((0, 8192), (65536, 16384)), "blocks-sha256:8192:" + "ab" * 32),
+        patch=Patch(((0, 8192), (65536, 16384)), "blocks-blake3:8192:" + "ab" * 32),
     )  # fmt: skip
     device = Entry(b"dev", EntryType.CHAR, 0o600, 0, 0, 0, 1, 2, 4, rdev_major=1, rdev_minor=3)
     entries += [patched, device]
