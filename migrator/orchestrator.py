@@ -914,9 +914,10 @@ class Orchestrator:
                     "succeeded",
                 )
             ):
-                await self.log(m, "info", f"pass {pull_id}: the source has been read (frozen)")
+                # The containers first: every write before it is downtime.
                 await on_source_read(m)
                 on_source_read = None
+                await self.log(m, "info", f"pass {pull_id}: the source had been read (frozen)")
             if pull["state"] == "succeeded":
                 pull["duration_s"] = round(time.monotonic() - started, 3)
                 return pull
