@@ -28,7 +28,6 @@ from pathlib import Path
 
 from agents import tarstream
 from agents.delta import Base, diff
-from agents.durable import write_durably
 from agents.frames import FrameEncoder, next_chunk_length
 from agents.incremental import select
 from agents.manifest import Entry, Totals, walk
@@ -249,7 +248,9 @@ class Snapshots:
         if not freezer.finish(stream_id, data_bytes):
             return identity
         freezer.keep_as(spool)
-        write_durably(marker, json.dumps({"data_bytes": data_bytes}).encode())
+        # Not synced, as the copy is not: a marker a crash lost makes the stream unfrozen,
+        # which its target refuses (one more attempt), never a stream of wrong bytes.
+        marker.write_bytes(json.dumps({"data_bytes": data_bytes}).encode())
         self._prune_spools(keep=stream_id)
         log.info(
             "stream %s frozen: %d bytes of data copied in %.2f s",

@@ -125,6 +125,10 @@ def test_a_damaged_copy_fails_the_stream_instead_of_sending_it(
     spool.sums_path(frozen.spool).write_bytes(b"short")
     with pytest.raises(SpoolDamaged):
         b"".join(tarstream.generate(volume, frozen.entries(), spool=frozen.spool))
+    # Digests are not synced either: a crash may lose them, which is damage too.
+    spool.sums_path(frozen.spool).unlink()
+    with pytest.raises(SpoolDamaged):
+        b"".join(tarstream.generate(volume, frozen.entries(), spool=frozen.spool))
 
 
 def test_a_copy_that_fails_fails_the_walk_and_leaves_nothing(
