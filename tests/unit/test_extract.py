@@ -822,3 +822,69 @@ def test_a_large_sparse_map_split_anywhere(tmp_path: Path) -> None:
         assert (root / "sp").read_bytes() == expected
         assert digests[b"sp"].sha256 == hashlib.sha256(expected).hexdigest()
         assert (root / "after").read_bytes() == b"a"
+
+
+def test_owner_and_mode_are_exact_whether_or_not_a_new_file_needed_a_chown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new file is created with its permission bits, and chowned or chmodded only when it
+    came out otherwise (another owner, a group from a setgid directory, bits the umask took,
+    special bits): the result is exact either way, and the common file costs neither call."""
+    src = tmp_path / "src"
+    src.mkdir()
+    cases = {
+        "plain": (0o644, 0, 0),
+        "open": (0o666, 0, 0),  # the umask takes 0o022 at creation
+        "private": (0o600, 1234, 5678),
+        "suid": (0o4755, 0, 0),
+        "none": (0o000, 0, 0),
+    }
+    for name, (mode, uid, gid) in cases.items():
+        path = src / name
+        path.write_bytes(name.encode())
+        os.chown(path, uid, gid)
+        os.chmod(path, mode)
+    archive = gnu_tar(src)
+    calls: list[str] = []
+    real_fchown, real_fchmod = os.fchown, os.fchmod
+
+    def fchown(fd: int, uid: int, gid: int) -> None:
+        calls.append(f"chown {os.readlink(f'/proc/self/fd/{fd}')}")
+        real_fchown(fd, uid, gid)
+
+    def fchmod(fd: int, mode: int) -> None:
+        calls.append(f"chmod {os.readlink(f'/proc/self/fd/{fd}')}")
+        real_fchmod(fd, mode)
+
+    monkeypatch.setattr(os, "fchown", fchown)
+    monkeypatch.setattr(os, "fchmod", fchmod)
+    root = tmp_path / "root"
+    root.mkdir()  # setgid: new files come with its group, and are chowned back
+    os.chown(root, 0, 4321)
+    os.chmod(root, 0o2755)
+    old_umask = os.umask(0o022)
+    try:
+        extract(archive, root, tmp_path / "state")
+    finally:
+        os.umask(old_umask)
+    assert snapshot(root) == snapshot(src)
+    for name, (mode, uid, gid) in cases.items():
+        st = os.lstat(root / name)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, uid, gid), name
+    touched = set(calls)
+    for name in cases:  # every file came with the root's group 4321: all chowned, chmodded
+        assert {f"chown {root}/{name}", f"chmod {root}/{name}"} <= touched, name
+    # Without the setgid root, only what differs is changed.
+    calls.clear()
+    again = tmp_path / "again"
+    old_umask = os.umask(0o022)
+    try:
+        extract(archive, again, tmp_path / "state-again")
+    finally:
+        os.umask(old_umask)
+    assert snapshot(again) == snapshot(src)
+    touched = set(calls)
+    assert not [c for c in touched if c.endswith(("/plain", "/none"))], touched
+    for name in ("open", "suid"):  # the umask took a bit; special bits come with chmod only
+        assert f"chmod {again}/{name}" in touched and f"chown {again}/{name}" not in touched
+    assert {f"chown {again}/private", f"chmod {again}/private"} <= touched
