@@ -116,10 +116,39 @@ class _Layout:
 
 def entry_span(entry: Entry) -> int:
     """Bytes this entry occupies in the stream (headers + padded data); 0 for a socket.
-    Computed from the pax records' length, without building the header blocks (a stream's
-    size is summed over every entry before its first byte goes out)."""
+    Computed without building the header blocks (a stream's size is summed over every entry
+    before its first byte goes out): for the common entry, one whose only pax record can be
+    its nanosecond mtime (a short one), from its fields alone; else from the records' length."""
     if entry.type is EntryType.SOCKET:
         return 0
+    if _plain_ustar(entry):
+        seconds, nanos = divmod(entry.mtime_ns, _NS)
+        pax = BLOCK_SIZE * 2 if nanos or not 0 <= seconds <= _OCTAL11_MAX else 0
+        return BLOCK_SIZE + pax + _padded(entry.size if _has_data(entry) else 0)
+    return _entry_span_exact(entry)
+
+
+def _plain_ustar(entry: Entry) -> bool:
+    """Whether ustar holds everything about `entry` but maybe its mtime: then its pax records
+    are at most one "mtime" record, far shorter than a block."""
+    name, link = tar_name(entry), _link_name(entry)
+    return (
+        entry.data_segments is None
+        and entry.patch is None
+        and not entry.xattrs
+        and len(name) <= _NAME_MAX
+        and name.isascii()
+        and len(link) <= _NAME_MAX
+        and link.isascii()
+        and entry.uid <= _OCTAL7_MAX
+        and entry.gid <= _OCTAL7_MAX
+        and entry.rdev_major <= _OCTAL7_MAX
+        and entry.rdev_minor <= _OCTAL7_MAX
+        and entry.size <= _OCTAL11_MAX
+    )
+
+
+def _entry_span_exact(entry: Entry) -> int:
     sparse_map, runs = _data_layout(entry)
     data_size = len(sparse_map) + sum(length for _, length in runs)
     records = _pax_records(entry, tar_name(entry), _link_name(entry), data_size)

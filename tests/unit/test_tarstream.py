@@ -478,3 +478,53 @@ def test_a_parent_swapped_for_a_symlink_is_not_followed_out_of_the_root(
         b"dir/b.bin",
         os.path.join(b"dir", LONG_DIR.encode(), LONG_NAME.encode()),
     }
+
+
+def test_the_quick_span_of_a_plain_entry_is_the_exact_one() -> None:
+    """`entry_span` takes a shortcut for entries whose only pax record can be the mtime; on
+    every side of each condition of the shortcut it must give what the headers take."""
+    import random
+
+    from agents.delta import Patch
+
+    rng = random.Random(7)
+    names = [b"f", b"d/" * 49 + b"x", b"d/" * 50 + b"xy", b"caf\xc3\xa9", b"caf\xe9", b"a" * 100]
+    links = [None, b"t", b"/" + b"t" * 99, b"/" + b"t" * 100, b"\xff"]
+    entries = []
+    for i in range(3000):
+        kind = rng.choice([EntryType.FILE, EntryType.FILE, EntryType.DIR, EntryType.SYMLINK])
+        size = (
+            rng.choice([0, 1, 511, 512, 513, 4096, 8**11 - 1, 8**11])
+            if kind is EntryType.FILE
+            else 0
+        )
+        mtime = rng.choice(
+            [0, 1_700_000_000 * 10**9, 1_700_000_000_123_456_789, -1_500_000_000, 8**11 * 10**9]
+        )
+        entry = Entry(
+            path=rng.choice(names) + b"%d" % i,
+            type=kind,
+            mode=0o644,
+            uid=rng.choice([0, 1000, 8**7 - 1, 8**7]),
+            gid=rng.choice([0, 8**7]),
+            size=size,
+            mtime_ns=mtime,
+            ctime_ns=mtime,
+            ino=i,
+            link_target=rng.choice(links) if kind is EntryType.SYMLINK else None,
+            hardlink_of=b"first" if kind is EntryType.FILE and rng.random() < 0.1 else None,
+            xattrs=(("user.k", b"v"),) if rng.random() < 0.1 else (),
+            data_segments=((0, 1),)
+            if kind is EntryType.FILE and size and rng.random() < 0.1
+            else None,
+            patch=Patch(((0, 1),), "blocks-blake3:8192:" + "0" * 64)
+            if kind is EntryType.FILE and size and rng.random() < 0.05
+            else None,
+        )
+        entries.append(entry)
+    quick = [e for e in entries if tarstream._plain_ustar(e)]
+    assert 100 < len(quick) < len(entries)  # both paths are taken
+    for entry in entries:
+        assert entry_span(entry) == tarstream._entry_span_exact(entry), entry
+        layout = tarstream._layout(entry)
+        assert entry_span(entry) == layout.span, entry
