@@ -31,7 +31,7 @@ from agents.delta import Base, diff
 from agents.frames import FrameEncoder, next_chunk_length
 from agents.incremental import select
 from agents.manifest import Entry, Totals, walk
-from agents.records import SnapshotDamaged, entry_record, read_records, write_record
+from agents.records import SnapshotDamaged, entry_record, read_records, write_end, write_record
 from agents.spool import SpoolWriter, sums_path
 from agents.tarstream import VolumeFiles
 
@@ -101,7 +101,7 @@ class StreamIdentity:
     total_size: int
     totals: Totals
     snapshot: Path | None = None
-    """The manifest the stream is generated from (NDJSON, one entry per line)."""
+    """The manifest the stream is generated from (binary records, agents/records.py)."""
     spool: Path | None = None
     """A frozen stream's data (`Snapshots.take(freeze=True)`): the stream no longer reads the
     volume."""
@@ -180,7 +180,7 @@ class Snapshots:
     is padded or cut to the recorded size and reported dirty (the next pass sends it again).
     A cache, not transfer state: a lost snapshot only means a resume compares the current
     manifest with the stream id, as without one. Memory stays flat: entries go to and come
-    from disk one line at a time.
+    from disk one record at a time.
     """
 
     def __init__(self, directory: Path, *, keep: int = SNAPSHOTS_KEPT) -> None:
@@ -194,7 +194,8 @@ class Snapshots:
         return self.directory / f"{stream_id}.data"
 
     def frozen_path(self, stream_id: str) -> Path:
-        """Written once the spool is complete and durable: {"data_bytes": N}."""
+        """Written once the spool is complete: {"data_bytes": N} (not synced, see
+        agents/spool.py)."""
         return self.directory / f"{stream_id}.frozen"
 
     def take(
@@ -210,7 +211,7 @@ class Snapshots:
         compared) it, while the walk goes on. Blocking."""
         self.directory.mkdir(parents=True, exist_ok=True)
         hasher = StreamHasher(selection)
-        data_bytes = 0
+        data_bytes = count = 0
         tmp = self.directory / f".walk-{os.getpid()}-{threading.get_ident()}.tmp"
         freezer = _Freezer(root, self.directory) if freeze else None
         try:
@@ -219,9 +220,11 @@ class Snapshots:
                     record = entry_fingerprint(entry)
                     hasher.add(entry, record)
                     write_record(f, record)
+                    count += 1
                     data_bytes += tarstream.data_bytes(entry)
                     if freezer is not None:
                         freezer.add(entry, data_bytes)
+                write_end(f, count)
             final = self.path(hasher.stream_id)
             os.replace(tmp, final)
             self._prune()
@@ -290,6 +293,9 @@ class Snapshots:
     def _prune(self) -> None:
         for legacy in self.directory.glob("*.ndjson"):  # JSON-lines snapshots of old versions
             legacy.unlink(missing_ok=True)
+        for temporary in self.directory.glob(".*-*-*.*"):  # a walk or copy of a process gone
+            if temporary.name.split("-")[1] != str(os.getpid()):
+                temporary.unlink(missing_ok=True)
         kept = sorted(self.directory.glob(f"*{SNAPSHOT_SUFFIX}"), key=lambda p: p.stat().st_mtime)
         for old in kept[: max(0, len(kept) - self.keep)]:
             stream_id = old.name.removesuffix(SNAPSHOT_SUFFIX)
@@ -337,6 +343,7 @@ class _Freezer:
         self._started = time.monotonic()
         self.elapsed = 0.0
         self._too_large = False
+        self._discard = False  # too large, or the walk failed: entries are taken, not copied
         self._stopped = False
         self._kept = False
         self._dirty: list[bytes] = []
@@ -346,16 +353,16 @@ class _Freezer:
 
     def add(self, entry: Entry, data_bytes: int) -> None:
         """Copy `entry`'s data next; `data_bytes` is the stream's data up to it, inclusive."""
-        if self._stopped:
+        if self._stopped or self._error is not None:  # a failed copy is not fed on
             return
         if data_bytes > self._limit:
-            self._too_large = True
+            self._too_large = self._discard = True
             self._stop()
         elif tarstream.data_bytes(entry):
             self._entries.put(entry)
 
     def finish(self, stream_id: str, data_bytes: int) -> bool:
-        """Wait for the copy; True if it is whole, its digests durable."""
+        """Wait for the copy; True if it is whole (its bytes and digests written)."""
         self._stop()
         if self._error is not None:
             raise self._error
@@ -382,6 +389,8 @@ class _Freezer:
         self._kept = True
 
     def abort(self) -> None:
+        """Stop (copying no more of what is queued) and drop the copy unless it was kept."""
+        self._discard = True
         self._stop()
         if not self._kept:
             self._out.abort()
@@ -393,9 +402,9 @@ class _Freezer:
         self._thread.join()
 
     def _queued(self) -> Iterator[Entry]:
-        """The entries to copy, until the end mark; taken but not copied once too large."""
+        """The entries to copy, until the end mark; taken but not copied once discarding."""
         while (entry := self._entries.get()) is not None:
-            if not self._too_large:
+            if not self._discard:
                 yield entry
         self._drained = True
 
@@ -461,13 +470,16 @@ class FrameProducer:
 
     def stop(self) -> None:
         self._stop.set()
-        # Unblock a producer or an encoder waiting on a full queue.
+        # Unblock a producer or an encoder waiting on a full queue...
         for q in (self._raw, self._queue):
             while True:
                 try:
                     q.get_nowait()
                 except queue.Empty:
                     break
+        # ...and an encoder waiting for a chunk the stopped producer will never put.
+        with contextlib.suppress(queue.Full):
+            self._raw.put_nowait(_DONE)
 
     def next_frame(self) -> tuple[bytes, bytes] | None:
         """Blocking: the next data frame as (header, payload), or None at the end (see
@@ -509,7 +521,7 @@ class FrameProducer:
         A failure here ends the stream as the producer's would: the event loop sends an
         error frame and stops the producer."""
         try:
-            while (item := self._raw.get()) is not _DONE:
+            while (item := self._raw.get()) is not _DONE and not self._stop.is_set():
                 assert isinstance(item, tuple)
                 raw, offset = item
                 frame = self.encoder.data_parts(raw, offset)

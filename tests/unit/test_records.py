@@ -44,6 +44,7 @@ def test_every_entry_comes_back_whole(volume: Path, tmp_path: Path) -> None:
     with open(path, "wb") as f:
         for entry in entries:
             records.write_record(f, entry_record(entry))
+        records.write_end(f, len(entries))
     back = list(read_records(path))
     assert back == entries
     assert [e.patch for e in back] == [e.patch for e in entries]  # compare=... keeps it, too
@@ -74,3 +75,13 @@ def test_a_damaged_snapshot_is_refused(volume: Path, tmp_path: Path) -> None:
     identity.snapshot.write_bytes(data[:4] + b"\xff" * (len(data) - 4))  # garbage inside
     with pytest.raises(SnapshotDamaged):
         list(read_records(identity.snapshot))
+    # Cut at a record boundary (a crash: snapshots are not synced), or empty: not a shorter
+    # stream under the same id, but no snapshot.
+    first = 4 + int.from_bytes(data[:4], "little")
+    for cut in (data[:first], b""):
+        identity.snapshot.write_bytes(cut)
+        with pytest.raises(SnapshotDamaged):
+            list(read_records(identity.snapshot))
+        assert snapshots.find(identity.stream_id) is None
+    identity.snapshot.write_bytes(data)
+    assert snapshots.find(identity.stream_id) is not None

@@ -3,8 +3,11 @@ cannot make the stream disagree with its own hello."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from agents import tarstream
 from agents.frames import FrameDecoder, FrameEncoder, FrameKind
@@ -75,3 +78,56 @@ def test_snapshots_are_bounded_and_lookups_are_safe(tmp_path: Path) -> None:
     assert len(list((tmp_path / "snap").glob("*.snap"))) == 3
     assert snapshots.find("../../etc/passwd") is None
     assert snapshots.find("m1-" + "0" * 32) is None
+
+
+def _threads_end(producer: FrameProducer) -> bool:
+    for thread in (producer._thread, producer._encoder):
+        thread.join(timeout=10)
+    return not producer._thread.is_alive() and not producer._encoder.is_alive()
+
+
+def test_a_stream_stopped_early_ends_both_its_threads(tmp_path: Path) -> None:
+    """A client that goes away stops the producer; neither the thread reading files nor the
+    one encoding frames may stay blocked on a queue (each would hold frames in memory)."""
+    root = tmp_path / "vol"
+    root.mkdir()
+    for i in range(40):
+        (root / f"f{i}").write_bytes(os.urandom(64 << 10))
+    identity = Snapshots(tmp_path / "snap").take(root, None)
+    for taken in (0, 1, 3):
+        producer = FrameProducer(str(root), identity, 0, FrameEncoder(chunk_size=1 << 16))
+        producer.start()
+        for _ in range(taken):
+            assert producer.next_frame() is not None
+        producer.stop()
+        assert _threads_end(producer), taken
+
+
+def test_an_encoder_failure_ends_the_stream_with_its_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "vol"
+    root.mkdir()
+    for i in range(40):
+        (root / f"f{i}").write_bytes(os.urandom(64 << 10))
+    identity = Snapshots(tmp_path / "snap").take(root, None)
+    encoder = FrameEncoder(chunk_size=1 << 16)
+    real = encoder.data_parts
+    calls = []
+
+    def failing(raw: bytes, offset: int) -> tuple[bytes, bytes]:
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError(5, "Input/output error")
+        return real(raw, offset)
+
+    monkeypatch.setattr(encoder, "data_parts", failing)
+    producer = FrameProducer(str(root), identity, 0, encoder)
+    producer.start()
+    frames = 0
+    while producer.next_frame() is not None:
+        frames += 1
+    assert frames == 2 and isinstance(producer.error, OSError)
+    assert producer.result.end_offset == 2 * (1 << 16)  # where the error frame goes
+    producer.stop()  # as the stream view does once it sent the error frame
+    assert _threads_end(producer)
