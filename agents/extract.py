@@ -320,6 +320,7 @@ class Extractor:
         self._failed: ExtractError | None = None
         self._parent: tuple[bytes, int] | None = None
         self._parent_inherits = True
+        self._parent_creator: tuple[int, int] | None = None
         self._index: PathIndex | None = None
         self._indexed = 0  # bytes of the files journal in the index
         self._journal_fd = -1  # for reading the files journal back into the index
@@ -622,10 +623,12 @@ class Extractor:
         self._entry = None
 
     def _create(self, h: Header) -> int:
-        """A new, empty regular file at `h.path`, replacing what is there (not following it),
-        created with `h`'s permission bits (as the umask leaves them; see `_apply_meta_fd`)."""
+        """A new, empty regular file at `h.path`, replacing what is there (not following it).
+        Created with `h`'s permission bits (as the umask leaves them; see `_apply_meta_fd`)
+        when it is created with `h`'s owner and group too; else private to this process until
+        it is chowned, so no interim group ever has the access meant for the final one."""
         d, name = self._parent_of(h.path)
-        mode = h.mode & 0o777
+        mode = h.mode & 0o777 if self._parent_creator == (h.uid, h.gid) else 0o600
         try:
             fd = os.open(name, _CREATE_FLAGS, mode, dir_fd=d)
         except FileExistsError:
@@ -869,9 +872,14 @@ class Extractor:
         self._parent = (parent, fd)
         try:
             self._parent_inherits = _inherits(fd)
+            st = os.fstat(fd)
         except BaseException:
             self._drop_parent()
             raise
+        # Who owns a file created here until it is chowned: this process, and its group or,
+        # in a setgid directory, the directory's.
+        group = st.st_gid if st.st_mode & stat.S_ISGID else os.getegid()
+        self._parent_creator = (os.geteuid(), group)
         return fd, name
 
     def _drop_parent(self) -> None:
@@ -879,6 +887,7 @@ class Extractor:
             os.close(self._parent[1])
             self._parent = None
             self._parent_inherits = True
+            self._parent_creator = None
 
     def _clear(self, dir_fd: int, name: bytes, *, keep_dir: bool) -> bool:
         """Remove what is at `name` (never following it); True if it is a directory kept."""
