@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agents.delta import block_digest, blocks_digest, parse_blocks_digest
+from agents.delta import block_digest_of, blocks_digest, parse_blocks_digest
 from agents.manifest import EntryType, decode_path, walk
 
 if TYPE_CHECKING:  # the extractor imports this module: no import back at run time
@@ -145,25 +145,27 @@ def _as_oserror() -> Iterator[None]:
         raise OSError(errno.ENOSPC if full else errno.EIO, f"path index: {e}") from e
 
 
-def file_sha256(path: bytes, block_size: int | None = None) -> tuple[str, str]:
+def file_sha256(path: bytes, blocks: tuple[str, int] | None = None) -> tuple[str, str]:
     """The SHA-256 of a file's content, and the digest to compare with the recorded one: the
-    same, or with `block_size` its `blocks_digest` (computed in the same read)."""
+    same, or with `blocks` (algorithm, block size) its `blocks_digest`, computed in the same
+    read."""
     h = hashlib.sha256()
-    blocks: list[bytes] = []
+    digests: list[bytes] = []
+    block_size = None if blocks is None else blocks[1]
+    digest = block_digest_of("blake3" if blocks is None else blocks[0])
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         while chunk := os.read(fd, READ_SIZE if block_size is None else max(READ_SIZE, block_size)):
             h.update(chunk)
-            if block_size is not None:
+            if blocks is not None:
                 view = memoryview(chunk)
-                blocks += [
-                    block_digest(view[at : at + block_size])
-                    for at in range(0, len(view), block_size)
+                digests += [
+                    digest(view[at : at + blocks[1]]) for at in range(0, len(view), blocks[1])
                 ]
     finally:
         os.close(fd)
     whole = h.hexdigest()
-    return whole, whole if block_size is None else blocks_digest(block_size, blocks)
+    return whole, whole if blocks is None else blocks_digest(blocks[1], digests, blocks[0])
 
 
 @dataclass
@@ -207,8 +209,8 @@ def verify_volume(root: str, db: ContentDB) -> Verification:
             expected = db.lookup(entry.path)
             # A patched file's recorded digest is block by block (agents/delta.py): check
             # that one, and still put the plain SHA-256 into the tree digest.
-            block = None if expected is None else parse_blocks_digest(expected[0])
-            sha, got = file_sha256(full, block)
+            blocks = None if expected is None else parse_blocks_digest(expected[0])
+            sha, got = file_sha256(full, blocks)
             result.files += 1
             if entry.hardlink_of is None:
                 result.total_bytes += entry.size

@@ -20,6 +20,7 @@ digests (16 bytes a block, at most `MAX_BLOCKS` blocks a file).
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -60,6 +61,11 @@ class BaseError(ValueError):
     """A base that does not describe a file (in a request body: 400)."""
 
 
+class ForeignBase(BaseError):
+    """A base whose digests were made another way (an agent of another version): not
+    comparable, so the file is sent whole instead."""
+
+
 @dataclass(frozen=True, slots=True)
 class Base:
     """The target's copy of one file, block by block."""
@@ -86,10 +92,6 @@ class Base:
     def from_json(cls, doc: object) -> Base:
         if not isinstance(doc, dict):
             raise BaseError("base: not an object")
-        if doc.get("hash") != BLOCK_HASH:
-            raise BaseError(
-                f"base: hash must be {BLOCK_HASH!r} (the target agent runs another version?)"
-            )
         size, digests = doc.get("block_size"), doc.get("digests")
         if not isinstance(size, int) or isinstance(size, bool):
             raise BaseError("base: block_size must be an integer")
@@ -103,6 +105,8 @@ class Base:
             raise BaseError(f"base: digests are not base64: {e}") from e
         if len(raw) % DIGEST_SIZE or len(raw) // DIGEST_SIZE > MAX_BLOCKS:
             raise BaseError(f"base: digests must be at most {MAX_BLOCKS} x {DIGEST_SIZE} bytes")
+        if doc.get("hash") != BLOCK_HASH:  # checked last: a malformed base is still an error
+            raise ForeignBase(f"base: hash {doc.get('hash')!r}, not {BLOCK_HASH!r}")
         return cls(size, raw)
 
 
@@ -201,28 +205,37 @@ def describe(fd: int, size: int, block_size: int | None = None) -> Base:
     return Base(block, b"".join(_by_halves(fd, size, block, _digests, block)))
 
 
-BLOCKS_DIGEST_RE = re.compile(r"blocks-blake3:([0-9]{4,9}):([0-9a-f]{64})")
+BLOCKS_DIGEST_RE = re.compile(r"blocks-(blake3|sha256):([0-9]{4,9}):([0-9a-f]{64})")
+_BLOCK_HASHES: dict[str, Callable[..., Any]] = {"blake3": blake3, "sha256": hashlib.sha256}
+"""A blocks digest's hash: BLAKE3 now; SHA-256 in patches of sources of earlier versions,
+still verified (a target may meet one in a migration that spans an upgrade)."""
 
 
-def blocks_digest(block_size: int, digests: Iterable[bytes]) -> str:
+def blocks_digest(block_size: int, digests: Iterable[bytes], algorithm: str = "blake3") -> str:
     """A file's content digest block by block: the BLAKE3 of the full BLAKE3 digest of each
     of its `block_size` blocks (the last one short), written `blocks-blake3:<block size>:<hex>`.
     A collision-resistant digest of the whole content, computed from the block digests a
     comparison takes anyway, so a patch costs the source one hash of each byte instead of
     two."""
-    whole = blake3()
+    whole = _BLOCK_HASHES[algorithm]()
     for digest in digests:
         whole.update(digest)
-    return f"blocks-blake3:{block_size}:{whole.hexdigest()}"
+    return f"blocks-{algorithm}:{block_size}:{whole.hexdigest()}"
 
 
-def parse_blocks_digest(value: str) -> int | None:
-    """The block size of a `blocks_digest` value, or None if it is not one."""
+def block_digest_of(algorithm: str) -> Callable[[bytes | memoryview], bytes]:
+    """The full digest of one block with a blocks digest's `algorithm`."""
+    hash_block = _BLOCK_HASHES[algorithm]
+    return lambda data: hash_block(data).digest()
+
+
+def parse_blocks_digest(value: str) -> tuple[str, int] | None:
+    """The algorithm and block size of a `blocks_digest` value, or None if it is not one."""
     match = BLOCKS_DIGEST_RE.fullmatch(value)
     if match is None:
         return None
-    block = int(match.group(1))
-    return block if MIN_BLOCK_SIZE <= block <= MAX_BLOCK_SIZE else None
+    block = int(match.group(2))
+    return (match.group(1), block) if MIN_BLOCK_SIZE <= block <= MAX_BLOCK_SIZE else None
 
 
 def diff(fd: int, size: int, base: Base) -> Patch:

@@ -37,6 +37,7 @@ from agents.delta import (
     Base,
     BaseCache,
     BaseError,
+    ForeignBase,
     SourceKey,
     block_size_for,
     describe,
@@ -395,6 +396,7 @@ def parse_selection_with_bases(body: bytes) -> tuple[list[bytes], dict[bytes, Ba
     paths = []
     bases: dict[bytes, Base] = {}
     previous: tuple[bytes, ...] | None = None
+    foreign = 0
     for n, line in enumerate(body.splitlines(), 1):
         if not line.strip():
             continue
@@ -403,6 +405,10 @@ def parse_selection_with_bases(body: bytes) -> tuple[list[bytes], dict[bytes, Ba
         if isinstance(value, dict):
             try:
                 base = Base.from_json(value.get("base"))
+            except ForeignBase as e:  # a target of another version: the file goes whole
+                foreign += 1
+                if foreign == 1:
+                    log.warning("line %d: %s; such files are sent whole", n, e)
             except BaseError as e:
                 raise ValueError(f"line {n}: {e}") from e
             value = value.get("path")

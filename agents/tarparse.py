@@ -424,7 +424,7 @@ def _build_header(
     if patch is not None and not (
         sparse and parse_blocks_digest(patch.decode("ascii", "replace")) is not None
     ):
-        raise MalformedArchive("a patch is a sparse entry with a blocks-blake3 digest", path)
+        raise MalformedArchive("a patch is a sparse entry with a blocks digest", path)
     if kind is EntryType.FILE and flag != _HARDLINK_FLAG:
         return (
             Header(

@@ -67,9 +67,22 @@ def test_a_patched_file_is_verified_block_by_block_and_the_tree_digest_is_plain(
             FileDigest(b"plain", hashlib.sha256(b"p").hexdigest(), 1),
         ]
     )
+    # A patch from a source of an earlier version: SHA-256 blocks (blocks-sha256).
+    legacy_blocks = [
+        hashlib.sha256(data[at : at + (8 << 10)]).digest() for at in range(0, len(data), 8 << 10)
+    ]
+    legacy = ContentDB(tmp_path / "legacy.db")
+    legacy.record(
+        [
+            FileDigest(b"patched", blocks_digest(8 << 10, legacy_blocks, "sha256"), len(data)),
+            FileDigest(b"plain", hashlib.sha256(b"p").hexdigest(), 1),
+        ]
+    )
     one, other = verify_volume(str(root), plain), verify_volume(str(root), patched)
     assert one.verified and other.verified, (one.mismatches, other.mismatches)
     assert one.digest == other.digest  # the same tree, however its files were written
+    old = verify_volume(str(root), legacy)
+    assert old.verified and old.digest == one.digest, old.mismatches
     with open(root / "patched", "r+b") as f:
         f.seek(9000)
         f.write(b"!")

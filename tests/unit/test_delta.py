@@ -4,6 +4,7 @@ by the extractor to the target's copy."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import secrets
@@ -349,3 +350,23 @@ def test_broken_workers_fall_back_to_comparing_in_the_agent(
     old = secrets.token_bytes(size)
     new = old[:-1] + b"!"
     assert patch_of(new, base_of(old, tmp_path), tmp_path).runs == ((size - PAGE, PAGE),)
+
+
+def test_agents_of_another_version_fall_back_to_whole_files_and_legacy_digests() -> None:
+    """A base without this version's hash is not compared (the source sends the file whole);
+    a patch from a source of an earlier version (blocks-sha256) is still verified."""
+    from agents.delta import ForeignBase, parse_blocks_digest
+    from agents.incremental import parse_selection_with_bases
+
+    old_base = {"block_size": PAGE, "digests": base64.b64encode(bytes(DIGEST_SIZE)).decode()}
+    with pytest.raises(ForeignBase):
+        Base.from_json(old_base)
+    body = json.dumps({"path": "big", "base": old_base}).encode() + b"\n"
+    paths, bases = parse_selection_with_bases(body)
+    assert bases == {} and b"big" in paths
+    data = bytes(range(256)) * 100
+    hashes = [hashlib.sha256(data[at : at + PAGE]).digest() for at in range(0, len(data), PAGE)]
+    legacy = f"blocks-sha256:{PAGE}:{hashlib.sha256(b''.join(hashes)).hexdigest()}"
+    assert parse_blocks_digest(legacy) == ("sha256", PAGE)
+    assert parse_blocks_digest(blocks_of(data)) == ("blake3", PAGE)
+    assert parse_blocks_digest(f"blocks-md5:{PAGE}:" + "0" * 64) is None
