@@ -900,24 +900,20 @@ class Orchestrator:
                 except AgentRefused as refused:
                     raise MigrationFailed(refused.code, refused.detail) from refused
                 continue
+            if (
+                on_source_read is not None
+                and pull.get("source_read")
+                and pull["state"] in ("running", "succeeded")
+            ):
+                # The containers first: every write before it (progress, log) is downtime.
+                await on_source_read(m)
+                on_source_read = None
+                await self.log(m, "info", f"pass {pull_id}: the source had been read (frozen)")
             seen = (pull["state"], pull["progress"], pull.get("created_volume"))
             if seen != last_seen:  # an unchanged poll writes nothing
                 last_seen = seen
                 self._follow(m, pull)
                 await self._progress(m)
-            if (
-                on_source_read is not None
-                and pull.get("source_read")
-                and pull["state"]
-                in (
-                    "running",
-                    "succeeded",
-                )
-            ):
-                # The containers first: every write before it is downtime.
-                await on_source_read(m)
-                on_source_read = None
-                await self.log(m, "info", f"pass {pull_id}: the source had been read (frozen)")
             if pull["state"] == "succeeded":
                 pull["duration_s"] = round(time.monotonic() - started, 3)
                 return pull
