@@ -858,16 +858,20 @@ def test_owner_and_mode_are_exact_whether_or_not_a_new_file_needed_a_chown(
 
     monkeypatch.setattr(os, "fchown", fchown)
     monkeypatch.setattr(os, "fchmod", fchmod)
+
+    def extract_with_umask(root: Path) -> None:
+        old_umask = os.umask(0o022)
+        try:
+            extract(archive, root, root.with_name(root.name + "-state"))
+        finally:
+            os.umask(old_umask)
+        assert snapshot(root) == snapshot(src)
+
     root = tmp_path / "root"
     root.mkdir()  # setgid: new files come with its group, and are chowned back
     os.chown(root, 0, 4321)
     os.chmod(root, 0o2755)
-    old_umask = os.umask(0o022)
-    try:
-        extract(archive, root, tmp_path / "state")
-    finally:
-        os.umask(old_umask)
-    assert snapshot(root) == snapshot(src)
+    extract_with_umask(root)
     for name, (mode, uid, gid) in cases.items():
         st = os.lstat(root / name)
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, uid, gid), name
@@ -877,12 +881,7 @@ def test_owner_and_mode_are_exact_whether_or_not_a_new_file_needed_a_chown(
     # Without the setgid root, only what differs is changed.
     calls.clear()
     again = tmp_path / "again"
-    old_umask = os.umask(0o022)
-    try:
-        extract(archive, again, tmp_path / "state-again")
-    finally:
-        os.umask(old_umask)
-    assert snapshot(again) == snapshot(src)
+    extract_with_umask(again)
     touched = set(calls)
     assert not [c for c in touched if c.endswith(("/plain", "/none"))], touched
     for name in ("open", "suid"):  # the umask took a bit; special bits come with chmod only
