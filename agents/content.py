@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agents.delta import block_digest_of, blocks_digest, parse_blocks_digest
+from agents.delta import block_digest, blocks_digest, parse_blocks_digest
 from agents.manifest import EntryType, decode_path, walk
 
 if TYPE_CHECKING:  # the extractor imports this module: no import back at run time
@@ -151,21 +151,21 @@ def file_sha256(path: bytes, blocks: tuple[str, int] | None = None) -> tuple[str
     read."""
     h = hashlib.sha256()
     digests: list[bytes] = []
-    block_size = None if blocks is None else blocks[1]
-    digest = block_digest_of("blake3" if blocks is None else blocks[0])
+    algorithm, block = blocks if blocks is not None else ("", 0)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        while chunk := os.read(fd, READ_SIZE if block_size is None else max(READ_SIZE, block_size)):
+        while chunk := os.read(fd, max(READ_SIZE, block)):
             h.update(chunk)
             if blocks is not None:
                 view = memoryview(chunk)
                 digests += [
-                    digest(view[at : at + blocks[1]]) for at in range(0, len(view), blocks[1])
+                    block_digest(view[at : at + block], algorithm)
+                    for at in range(0, len(view), block)
                 ]
     finally:
         os.close(fd)
     whole = h.hexdigest()
-    return whole, whole if blocks is None else blocks_digest(blocks[1], digests, blocks[0])
+    return whole, whole if blocks is None else blocks_digest(block, digests, algorithm)
 
 
 @dataclass

@@ -51,7 +51,7 @@ MAX_BLOCKS = 1 << 20
 DIGEST_SIZE = 16
 BLOCK_HASH = "blake3-128"
 """How a base's digests are made; a base made another way (an agent of another version) is
-refused rather than compared."""
+not compared (`ForeignBase`): the file is sent whole."""
 MAX_SOURCES_NOTED = 1 << 16
 """Large files whose source inode a BaseCache remembers (~150 bytes each: ~10 MB at most)."""
 READ_SIZE = 1 << 20
@@ -159,11 +159,6 @@ def _read_blocks(fd: int, start: int, end: int, block_size: int) -> Iterator[mem
         offset += len(data)
 
 
-def block_digest(data: bytes | memoryview) -> bytes:
-    """The full (32-byte) digest of one block; a base keeps its first DIGEST_SIZE bytes."""
-    return blake3(data).digest()
-
-
 def _digests(fd: int, start: int, end: int, block_size: int) -> bytes:
     return b"".join(blake3(b).digest(DIGEST_SIZE) for b in _read_blocks(fd, start, end, block_size))
 
@@ -212,8 +207,9 @@ still verified (a target may meet one in a migration that spans an upgrade)."""
 
 
 def blocks_digest(block_size: int, digests: Iterable[bytes], algorithm: str = "blake3") -> str:
-    """A file's content digest block by block: the BLAKE3 of the full BLAKE3 digest of each
-    of its `block_size` blocks (the last one short), written `blocks-blake3:<block size>:<hex>`.
+    """A file's content digest block by block: the hash (BLAKE3; SHA-256 for the legacy form)
+    of the full digest of each of its `block_size` blocks (the last one short), written
+    `blocks-<algorithm>:<block size>:<hex>`.
     A collision-resistant digest of the whole content, computed from the block digests a
     comparison takes anyway, so a patch costs the source one hash of each byte instead of
     two."""
@@ -223,10 +219,11 @@ def blocks_digest(block_size: int, digests: Iterable[bytes], algorithm: str = "b
     return f"blocks-{algorithm}:{block_size}:{whole.hexdigest()}"
 
 
-def block_digest_of(algorithm: str) -> Callable[[bytes | memoryview], bytes]:
-    """The full digest of one block with a blocks digest's `algorithm`."""
-    hash_block = _BLOCK_HASHES[algorithm]
-    return lambda data: hash_block(data).digest()
+def block_digest(data: bytes | memoryview, algorithm: str = "blake3") -> bytes:
+    """The full (32-byte) digest of one block, as `blocks_digest` takes them; a base keeps
+    the first DIGEST_SIZE bytes of BLAKE3's."""
+    digest: bytes = _BLOCK_HASHES[algorithm](data).digest()
+    return digest
 
 
 def parse_blocks_digest(value: str) -> tuple[str, int] | None:
