@@ -221,9 +221,10 @@ class Snapshots:
                     hasher.add(entry, record)
                     write_record(f, record)
                     count += 1
-                    data_bytes += tarstream.data_bytes(entry)
-                    if freezer is not None:
-                        freezer.add(entry, data_bytes)
+                    if freezer is not None:  # only a frozen stream needs its data's size
+                        size = tarstream.data_bytes(entry)
+                        data_bytes += size
+                        freezer.add(entry, size, data_bytes)
                 write_end(f, count)
             final = self.path(hasher.stream_id)
             os.replace(tmp, final)
@@ -233,6 +234,7 @@ class Snapshots:
                 return identity
             return self._frozen(identity, freezer, data_bytes)
         finally:
+            tmp.unlink(missing_ok=True)  # a walk that failed; gone once renamed
             if freezer is not None:
                 freezer.abort()  # a no-op once `_frozen` kept its copy
 
@@ -298,20 +300,16 @@ class Snapshots:
                 temporary.unlink(missing_ok=True)
         kept = sorted(self.directory.glob(f"*{SNAPSHOT_SUFFIX}"), key=lambda p: p.stat().st_mtime)
         for old in kept[: max(0, len(kept) - self.keep)]:
-            stream_id = old.name.removesuffix(SNAPSHOT_SUFFIX)
-            spool = self.spool_path(stream_id)
-            for path in (self.frozen_path(stream_id), spool, sums_path(spool), old):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            self.unfreeze(old.name.removesuffix(SNAPSHOT_SUFFIX))
+            old.unlink(missing_ok=True)
 
     def unfreeze(self, stream_id: str) -> None:
-        """Drop a frozen stream's copy (it was found damaged): a resume of the stream then gets
-        an unfrozen hello, which its target refuses at once instead of retrying a copy that
-        cannot be read."""
+        """Drop a frozen stream's copy (when it was found damaged: a resume of the stream then
+        gets an unfrozen hello, which its target refuses at once instead of retrying a copy
+        that cannot be read)."""
         spool = self.spool_path(stream_id)
         for path in (self.frozen_path(stream_id), spool, sums_path(spool)):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            path.unlink(missing_ok=True)
 
     def _prune_spools(self, keep: str) -> None:
         """Spools take disk space: only the newest FROZEN_KEPT are kept (an older frozen
@@ -319,12 +317,8 @@ class Snapshots:
         markers = sorted(self.directory.glob("*.frozen"), key=lambda p: p.stat().st_mtime)
         for old in markers[: max(0, len(markers) - FROZEN_KEPT)]:
             stream_id = old.name.removesuffix(".frozen")
-            if stream_id == keep:
-                continue
-            spool = self.spool_path(stream_id)
-            for path in (old, spool, sums_path(spool)):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            if stream_id != keep:
+                self.unfreeze(stream_id)
 
 
 class _Freezer:
@@ -351,14 +345,15 @@ class _Freezer:
         self._thread = threading.Thread(target=self._copy, args=(root,), name="freeze")
         self._thread.start()
 
-    def add(self, entry: Entry, data_bytes: int) -> None:
-        """Copy `entry`'s data next; `data_bytes` is the stream's data up to it, inclusive."""
+    def add(self, entry: Entry, size: int, data_bytes: int) -> None:
+        """Copy `entry`'s `size` bytes of data next; `data_bytes` is the stream's data up to
+        it, inclusive."""
         if self._stopped or self._error is not None:  # a failed copy is not fed on
             return
         if data_bytes > self._limit:
             self._too_large = self._discard = True
             self._stop()
-        elif tarstream.data_bytes(entry):
+        elif size:
             self._entries.put(entry)
 
     def finish(self, stream_id: str, data_bytes: int) -> bool:

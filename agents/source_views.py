@@ -8,7 +8,6 @@ the compression policy how fast the link drains.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 
@@ -117,9 +116,7 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         identity = await asyncio.to_thread(snapshots.find, stream_id)
     if identity is None:
         identity = await asyncio.to_thread(
-            functools.partial(
-                snapshots.take, info.mountpoint, selection, bases, freeze=freeze == "1"
-            )
+            snapshots.take, info.mountpoint, selection, bases, freeze=freeze == "1"
         )
         if stream_id is not None and stream_id != identity.stream_id:
             raise StreamChanged(

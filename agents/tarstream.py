@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import errno
 import hashlib
+import itertools
 import os
 import stat
 import zlib
@@ -630,17 +631,13 @@ class _SpoolSource:
     ) -> None:
         self._spool = spool
         self._read_size = read_size
-        self._runs: dict[int, int] = {}  # run offset in the file -> its position in the spool
-        at = start
-        for run_offset, length in runs:
-            self._runs[run_offset] = at
-            at += length
-        self._run_offsets = sorted(self._runs)
+        self._run_offsets = [run_offset for run_offset, _ in runs]  # in order
+        self._spooled_at = list(itertools.accumulate((n for _, n in runs[:-1]), initial=start))
 
     def read(self, offset: int, length: int) -> Iterator[bytes]:
         """`offset` lies in a run, and `length` does not go past its end."""
-        run_offset = self._run_offsets[bisect.bisect_right(self._run_offsets, offset) - 1]
-        at = self._runs[run_offset] + offset - run_offset
+        run = bisect.bisect_right(self._run_offsets, offset) - 1
+        at = self._spooled_at[run] + offset - self._run_offsets[run]
         end = at + length
         while at < end:
             data = self._spool.pread(min(self._read_size, end - at), at)

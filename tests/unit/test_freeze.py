@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,43 @@ def test_a_copy_that_fails_fails_the_walk_and_leaves_nothing(
     assert not walker.is_alive()
     assert isinstance(outcome[0], OSError) and outcome[0].errno == 28
     assert not [p.name for p in (tmp_path / "snap").iterdir() if not p.name.endswith(".snap")]
+
+
+def test_naming_a_stream_clears_what_older_versions_and_dead_processes_left(
+    tmp_path: Path, volume: Path
+) -> None:
+    """JSON-lines snapshots of an earlier version, and the walk and copy files of an agent
+    process that is gone (killed while it named a stream), go when the next stream is named;
+    this process's own files stay."""
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    dead = os.getpid() + 1_000_000  # above any pid this machine hands out
+    leftovers = [
+        snap / "m1-0123.ndjson",
+        snap / f".walk-{dead}-7.tmp",
+        snap / f".freeze-{dead}-7.data",
+        snap / f".freeze-{dead}-7.sums",
+    ]
+    ours = snap / f".walk-{os.getpid()}-0.tmp"  # another thread of this process, walking
+    for path in [*leftovers, ours]:
+        path.write_bytes(b"x")
+    identity = Snapshots(snap).take(volume, None, freeze=True)
+    assert identity.frozen
+    assert not [p for p in leftovers if p.exists()] and ours.exists()
+
+
+def test_a_walk_that_fails_stops_its_copy_and_leaves_nothing(
+    tmp_path: Path, volume: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = source.stream_entries
+
+    def failing(*args: object, **kwargs: object) -> Iterator[object]:
+        for n, entry in enumerate(real(*args, **kwargs)):  # type: ignore[arg-type]
+            if n == 3:
+                raise OSError(5, "Input/output error")
+            yield entry
+
+    monkeypatch.setattr(source, "stream_entries", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        Snapshots(tmp_path / "snap").take(volume, None, freeze=True)
+    assert list((tmp_path / "snap").iterdir()) == []
