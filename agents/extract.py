@@ -226,15 +226,11 @@ def _apply_meta_fd(fd: int, h: Header, *, fresh: bool = False, created: bool = F
     right already (the agent's own, as root: 0:0; the mode unless the umask or special bits
     differ): a file of 4 KiB costs six system calls, and a chown or chmod that changes nothing
     still rewrites the inode."""
-    if created:
-        st = os.fstat(fd)
-        chown = (st.st_uid, st.st_gid) != (h.uid, h.gid)
-        if chown:
-            os.fchown(fd, h.uid, h.gid)
-        if chown or stat.S_IMODE(st.st_mode) != h.mode:
-            os.fchmod(fd, h.mode)  # after chown: chown clears setuid/setgid
-    else:
+    st = os.fstat(fd) if created else None
+    chown = st is None or (st.st_uid, st.st_gid) != (h.uid, h.gid)
+    if chown:
         os.fchown(fd, h.uid, h.gid)
+    if chown or st is None or stat.S_IMODE(st.st_mode) != h.mode:
         os.fchmod(fd, h.mode)  # after chown: chown clears setuid/setgid
     if h.xattrs or not fresh:
         _set_xattrs(fd, h.xattrs, fresh=fresh)  # after chown: chown drops security.capability
