@@ -36,7 +36,6 @@ from agents import frames
 from agents.content import ContentDB, verify_volume
 from agents.delta import BaseCache, block_size_for, describe, patched
 from agents.docker_volumes import DockerVolumes
-from agents.durable import write_durably
 from agents.errors import AgentError, Conflict, InvalidRequest, PullNotFound, check_volume_name
 from agents.extract import Extractor
 from agents.incremental import Bases, PlanError, plan_incremental_pass
@@ -359,8 +358,21 @@ class Pull:
 
 
 def write_atomic(path: Path, doc: dict[str, Any]) -> None:
-    """Replace `path` with `doc` as JSON, durably (agents/durable.py)."""
-    write_durably(path, json.dumps(doc, separators=(",", ":")).encode())
+    """Replace `path` with `doc` as JSON: write a temporary file, fsync it, rename, fsync dir."""
+    tmp = path.with_name(path.name + ".tmp")
+    data = json.dumps(doc, separators=(",", ":")).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _problem(body: bytes) -> dict[str, Any]:

@@ -58,9 +58,10 @@ PRECOPY_SHRINK = 0.05
 PRECOPY_MAX_PASSES = 5
 # A pass that sends at least this share of the one before made no headway.
 PRECOPY_NO_GAIN = 0.8
+# While the source's containers are stopped, every poll interval is downtime.
+QUIESCED_POLL_S = 0.02
 # What one attempt's quiesce records in the checkpoint; a retry after its containers were
 # started again begins afresh.
-QUIESCED_POLL_S = 0.02
 QUIESCE_KEYS = ("stopping_ids", "stopped_ids", "stopped_at", "restarted", "restarted_at")
 PULL_ERROR_CODES = {
     "volume_not_found": "source_volume_not_found",
